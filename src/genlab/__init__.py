@@ -1,0 +1,3 @@
+"""genlab: configuration-driven experiments with autoencoders, VAEs and GANs."""
+
+__version__ = "0.1.0"

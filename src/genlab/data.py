@@ -1,0 +1,252 @@
+"""MNIST and Fashion-MNIST as in-memory tensors, served in batches by index.
+
+torchvision's dataset classes find (or download) and decode the IDX files;
+each split is then held as one float tensor of shape (N, 1, 28, 28) in [0, 1]
+(on the GPU when training there) and batches are cut from a seeded
+permutation. This avoids the per-sample PIL decode + ToTensor + collate of a
+Dataset/DataLoader pipeline, which dominates an epoch at this model size.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+from torchvision import datasets
+
+from genlab.errors import GenlabError, check_choice
+
+DATASETS = {"mnist": datasets.MNIST, "fashion_mnist": datasets.FashionMNIST}
+BINARIZE = ("none", "dynamic", "static")
+# Fixed seed of the one Bernoulli sample used for static binarisation and for
+# evaluating dynamically binarised runs, so every run sees the same binary data.
+_BINARIZE_SEED = 20140101
+
+
+def _mix(seed: int, epoch: int) -> int:
+    # Distinct (seed, epoch) pairs get distinct streams: seed 1 at epoch 0 must not replay seed 0 at epoch 1.
+    return (seed * 1_000_003 + epoch) % (2**63)
+
+
+def _to_float(images: Tensor) -> Tensor:
+    """uint8 (N, 28, 28) -> float32 (N, 1, 28, 28) in [0, 1]."""
+    return images.unsqueeze(1).float().div_(255.0)
+
+
+def binarize_sample(images: Tensor, seed: int) -> Tensor:
+    """One stochastic binarisation: each pixel is 1 with probability equal to its grey level."""
+    generator = torch.Generator(device=images.device).manual_seed(seed)
+    return torch.bernoulli(images, generator=generator)
+
+
+class EpochOrder:
+    """The order in which one epoch visits the examples: a permutation drawn from (seed, epoch).
+
+    Lightning calls ``loader.sampler.set_epoch(epoch)`` before every epoch, as
+    it does for a DataLoader's sampler, so a resumed run sees the same order as
+    an uninterrupted one.
+    """
+
+    def __init__(self, size: int, shuffle: bool, seed: int):
+        self.size = size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        return torch.Generator(device=device).manual_seed(_mix(self.seed, self.epoch))
+
+    def indices(self, device: torch.device) -> Tensor | None:
+        """A permutation of range(size), or None to keep the stored order."""
+        if not self.shuffle:
+            return None
+        return torch.randperm(self.size, generator=self.generator(device), device=device)
+
+
+class BatchLoader:
+    """Yields ``(images, labels)`` batches from in-memory tensors, like a DataLoader.
+
+    ``binarize_dynamic`` draws a fresh binary sample of every batch each time
+    it is served (seeded by the epoch), as in dynamically binarised MNIST.
+    """
+
+    def __init__(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        batch_size: int,
+        shuffle: bool = False,
+        seed: int = 0,
+        binarize_dynamic: bool = False,
+    ):
+        self.images = images
+        self.labels = labels
+        self.batch_size = batch_size
+        self.binarize_dynamic = binarize_dynamic
+        # The two attributes Lightning inspects on a DataLoader: it calls
+        # sampler.set_epoch() each epoch; no batch_sampler means batches are ours.
+        self.sampler = EpochOrder(len(images), shuffle, seed)
+        self.batch_sampler = None
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.images) / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        device = self.images.device
+        order = self.sampler.indices(device)
+        noise = self.sampler.generator(device) if self.binarize_dynamic else None
+        for start in range(0, len(self.images), self.batch_size):
+            if order is None:  # slicing is a view: no copy
+                images = self.images[start : start + self.batch_size]
+                labels = self.labels[start : start + self.batch_size]
+            else:
+                idx = order[start : start + self.batch_size]
+                images, labels = self.images[idx], self.labels[idx]
+            if noise is not None:
+                images = torch.bernoulli(images, generator=noise)
+            yield images, labels
+
+
+class ImageDataModule(pl.LightningDataModule):
+    """MNIST or Fashion-MNIST: train minus a seeded validation split, and the official test set.
+
+    Args:
+        dataset: ``mnist`` or ``fashion_mnist``.
+        data_dir: folder holding torchvision's layout (``<data_dir>/MNIST/raw/...``).
+        batch_size: training batch size.
+        eval_batch_size: batch size for validation and test (no gradients, so larger is faster).
+        val_size: examples carved out of the training set for validation (0: no validation).
+        binarize: ``none`` (grey levels in [0, 1]), ``static`` (one fixed Bernoulli sample of
+            every split) or ``dynamic`` (training batches resampled every epoch; validation and
+            test use the fixed sample so their numbers are comparable across epochs and runs).
+        download: fetch the files with torchvision when they are missing.
+        seed: seeds the shuffle of each epoch (with the epoch number).
+        split_seed: seeds the train/validation split; fixed by default so that runs with
+            different seeds are validated on the same examples.
+    """
+
+    def __init__(
+        self,
+        dataset: str = "mnist",
+        data_dir: str | os.PathLike = "./data",
+        batch_size: int = 128,
+        eval_batch_size: int = 1000,
+        val_size: int = 5000,
+        binarize: str = "none",
+        download: bool = True,
+        seed: int = 42,
+        split_seed: int = 0,
+    ):
+        super().__init__()
+        check_choice("data.dataset", dataset, DATASETS)
+        check_choice("data.binarize", binarize, BINARIZE)
+        self.dataset = dataset
+        self.data_dir = Path(data_dir)
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.val_size = val_size
+        self.binarize = binarize
+        self.download = download
+        self.seed = seed
+        self.split_seed = split_seed
+        self.splits: dict[str, tuple[Tensor, Tensor]] = {}
+        self._decoded: dict[bool, tuple[Tensor, Tensor]] = {}
+
+    # -- finding and decoding the files -------------------------------------------------------
+
+    def _missing_message(self, reason: str) -> str:
+        folder = DATASETS[self.dataset].__name__
+        env = os.environ.get("GENLAB_DATA_DIR")
+        env_text = f"GENLAB_DATA_DIR={env!r}" if env else "GENLAB_DATA_DIR is not set"
+        return (
+            f"The {folder} data set was not found in {str(self.data_dir.resolve())!r} "
+            f"(expected torchvision's layout, e.g. {folder}/raw/train-images-idx3-ubyte), and "
+            f"{reason}. genlab reads data from data.data_dir, which defaults to the "
+            f"GENLAB_DATA_DIR environment variable and then ./data ({env_text}). Point "
+            f"data.data_dir=<folder> or GENLAB_DATA_DIR at a folder that holds the files, or "
+            f"run with data.download=true on a machine with internet access."
+        )
+
+    def _decode(self, train: bool) -> tuple[Tensor, Tensor]:
+        """Images as uint8 (N, 28, 28) and labels as int64, read once per split."""
+        if train not in self._decoded:
+            split = self._open(train)
+            self._decoded[train] = (split.data, split.targets.long())
+        return self._decoded[train]
+
+    def _open(self, train: bool) -> datasets.VisionDataset:
+        cls = DATASETS[self.dataset]
+        try:
+            return cls(self.data_dir, train=train, download=False)
+        except RuntimeError:  # torchvision: "Dataset not found"
+            if not self.download:
+                raise GenlabError(self._missing_message("data.download is false")) from None
+        try:
+            return cls(self.data_dir, train=train, download=True)
+        except Exception as err:  # no network, a read-only folder, a failing mirror
+            # torchvision lists every mirror it tried; the last line holds the final cause.
+            reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+            raise GenlabError(self._missing_message(f"downloading it failed ({reason})")) from err
+
+    # -- Lightning hooks ----------------------------------------------------------------------
+
+    def prepare_data(self) -> None:
+        # Lightning calls this once per node before setup(): the place to download.
+        self._decode(train=True)
+        self._decode(train=False)
+
+    def setup(self, stage: str | None = None) -> None:
+        device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
+        if stage in (None, "fit", "validate") and "train" not in self.splits:
+            images, labels = self._decode(train=True)
+            if not 0 <= self.val_size < len(images):
+                raise GenlabError(
+                    f"data.val_size={self.val_size} must be between 0 and {len(images) - 1} "
+                    f"(the {self.dataset} training set has {len(images)} images)."
+                )
+            order = torch.randperm(
+                len(images), generator=torch.Generator().manual_seed(self.split_seed)
+            )
+            val_idx, train_idx = order[: self.val_size], order[self.val_size :]
+            train_images = _to_float(images[train_idx])
+            if self.binarize == "static":
+                train_images = binarize_sample(train_images, _BINARIZE_SEED)
+            self.splits["train"] = (train_images.to(device), labels[train_idx].to(device))
+            self.splits["val"] = self._eval_split(images[val_idx], labels[val_idx], device)
+        if stage in (None, "test", "predict") and "test" not in self.splits:
+            self.splits["test"] = self._eval_split(*self._decode(train=False), device)
+
+    def _eval_split(
+        self, images: Tensor, labels: Tensor, device: torch.device
+    ) -> tuple[Tensor, Tensor]:
+        images = _to_float(images)
+        if self.binarize != "none":
+            images = binarize_sample(images, _BINARIZE_SEED + 1)
+        return images.to(device), labels.to(device)
+
+    def train_dataloader(self) -> BatchLoader:
+        images, labels = self.splits["train"]
+        return BatchLoader(
+            images,
+            labels,
+            self.batch_size,
+            shuffle=True,
+            seed=self.seed,
+            binarize_dynamic=self.binarize == "dynamic",
+        )
+
+    def val_dataloader(self) -> BatchLoader | list:
+        if self.val_size == 0:
+            return []  # Lightning skips validation when there is no loader
+        return BatchLoader(*self.splits["val"], self.eval_batch_size)
+
+    def test_dataloader(self) -> BatchLoader:
+        return BatchLoader(*self.splits["test"], self.eval_batch_size)

@@ -1,0 +1,53 @@
+"""User-facing errors: one clear paragraph instead of a traceback."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+
+class GenlabError(Exception):
+    """A problem the user can fix (bad input, missing data); its message says how."""
+
+
+def check_choice(option: str, value: Any, choices: Iterable[Any]) -> None:
+    """Raise a `GenlabError` naming ``option`` when ``value`` is not one of ``choices``."""
+    choices = tuple(choices)
+    if value not in choices:
+        raise GenlabError(
+            f"{option}={value!r} is not a valid choice; choose one of {', '.join(map(str, choices))}."
+        )
+
+
+def find_user_error(err: BaseException) -> GenlabError | None:
+    """The `GenlabError` behind ``err``, if any.
+
+    ``hydra.utils.instantiate`` wraps errors raised while building an object
+    (e.g. a bad ``model.net.activation``) in an ``InstantiationException``.
+    """
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, GenlabError):
+            return seen
+        seen = seen.__cause__
+    return None
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn a `GenlabError` into its message on stderr and exit code 1.
+
+    With HYDRA_FULL_ERROR=1 the exception propagates unchanged, traceback
+    included, for debugging. Other exceptions are bugs and keep their traceback.
+    """
+    try:
+        yield
+    except Exception as err:
+        user_error = find_user_error(err)
+        if user_error is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"Error: {user_error}", file=sys.stderr)
+        raise SystemExit(1) from None

@@ -1,0 +1,45 @@
+"""Deterministic autoencoder: x -> z = encoder(x) -> decoder(z), trained on reconstruction."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from genlab.errors import check_choice
+from genlab.models.base import (
+    RECON_LOSSES,
+    GenerativeModel,
+    OptimizerFactory,
+    reconstruction_nll,
+)
+from genlab.models.nets import MLP, Conv
+
+
+class AE(GenerativeModel):
+    """Autoencoder. Logs ``*/loss`` and ``*/recon`` (equal: -log p(x|z) in nats per image)."""
+
+    def __init__(
+        self,
+        net: MLP | Conv,
+        optimizer: OptimizerFactory,
+        latent_dim: int = 16,
+        recon_loss: str = "bce",
+    ):
+        super().__init__(optimizer)
+        check_choice("model.recon_loss", recon_loss, RECON_LOSSES)
+        self.save_hyperparameters(ignore=["net", "optimizer"], logger=False)
+        self.latent_dim = latent_dim
+        self.recon_loss = recon_loss
+        self.encoder = net.encoder(latent_dim)
+        self.decoder = net.decoder(latent_dim)
+
+    def encode(self, x: Tensor) -> Tensor:
+        return self.encoder(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Reconstruction logits of ``x``."""
+        return self.decoder(self.encoder(x))
+
+    def step(self, batch: tuple[Tensor, Tensor], batch_idx: int, split: str) -> dict[str, Tensor]:
+        x, _ = batch
+        recon = reconstruction_nll(self(x), x, self.recon_loss).mean()
+        return {"loss": recon, "recon": recon}

@@ -1,0 +1,96 @@
+"""Generative adversarial network (Goodfellow et al., 2014) with the non-saturating generator loss.
+
+The generator is the net's decoder (latent -> image logits, squashed to
+[0, 1] by a sigmoid); the discriminator is the net's encoder with one output
+logit. Both are trained with their own Adam optimiser, one step each per batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from genlab.models.base import GenerativeModel, OptimizerFactory
+from genlab.models.nets import MLP, Conv
+
+
+def _bce(logits: Tensor, target: float) -> Tensor:
+    return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, target))
+
+
+class GAN(GenerativeModel):
+    """Logs ``*/d_loss``, ``*/g_loss``, ``*/d_real`` (mean D(x)) and ``*/d_fake`` (mean D(G(z))).
+
+    A GAN has no validation loss that ranks checkpoints, so its runs keep
+    ``last.ckpt`` only. Each batch takes two optimiser steps, so Lightning's
+    ``global_step`` (and ``max_steps``) counts twice the number of batches.
+    """
+
+    prog_bar_metrics = ("d_loss", "g_loss")
+
+    def __init__(self, net: MLP | Conv, optimizer: OptimizerFactory, latent_dim: int = 64):
+        super().__init__(optimizer)
+        self.save_hyperparameters(ignore=["net", "optimizer"], logger=False)
+        self.automatic_optimization = False
+        self.latent_dim = latent_dim
+        self.generator = net.decoder(latent_dim)
+        self.discriminator = net.encoder(1)
+
+    def forward(self, z: Tensor) -> Tensor:
+        """Images (pixel values in [0, 1]) generated from latent codes ``z``."""
+        return torch.sigmoid(self.generator(z))
+
+    @torch.no_grad()
+    def sample(self, n: int) -> Tensor:
+        """``n`` generated images from fresh noise."""
+        return self(torch.randn(n, self.latent_dim, device=self.device))
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, _ = batch
+        opt_g, opt_d = self.optimizers()
+        fake = self(torch.randn(x.size(0), self.latent_dim, device=self.device))
+
+        # Discriminator: real -> 1, fake -> 0.
+        self.toggle_optimizer(opt_d)
+        real_logits = self.discriminator(x)
+        fake_logits = self.discriminator(fake.detach())
+        d_loss = _bce(real_logits, 1.0) + _bce(fake_logits, 0.0)
+        opt_d.zero_grad(set_to_none=True)
+        self.manual_backward(d_loss)
+        opt_d.step()
+        self.untoggle_optimizer(opt_d)
+
+        # Generator, non-saturating: maximise log D(G(z)) rather than minimise log(1 - D(G(z))).
+        self.toggle_optimizer(opt_g)
+        g_loss = _bce(self.discriminator(fake), 1.0)
+        opt_g.zero_grad(set_to_none=True)
+        self.manual_backward(g_loss)
+        opt_g.step()
+        self.untoggle_optimizer(opt_g)
+
+        metrics = {
+            "d_loss": d_loss.detach(),
+            "g_loss": g_loss.detach(),
+            "d_real": torch.sigmoid(real_logits).mean().detach(),
+            "d_fake": torch.sigmoid(fake_logits).mean().detach(),
+        }
+        self.log_metrics("train", metrics, x.size(0))
+
+    def step(self, batch: tuple[Tensor, Tensor], batch_idx: int, split: str) -> dict[str, Tensor]:
+        x, _ = batch
+        z = self.eval_noise((x.size(0), self.latent_dim), batch_idx)
+        real_logits = self.discriminator(x)
+        fake_logits = self.discriminator(self(z))
+        return {
+            "d_loss": _bce(real_logits, 1.0) + _bce(fake_logits, 0.0),
+            "g_loss": _bce(fake_logits, 1.0),
+            "d_real": torch.sigmoid(real_logits).mean(),
+            "d_fake": torch.sigmoid(fake_logits).mean(),
+        }
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [
+            self.optimizer_factory(self.generator.parameters()),
+            self.optimizer_factory(self.discriminator.parameters()),
+        ]

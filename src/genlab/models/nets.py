@@ -1,0 +1,121 @@
+"""Encoder and decoder networks for 1x28x28 images.
+
+A net config (``model/net``) is a small factory: the model family asks it for
+an encoder with as many outputs as it needs (VAE: 2 x latent_dim, GAN
+discriminator: 1) and a decoder from its latent size. Decoders return logits
+of shape (B, 1, 28, 28); ``torch.sigmoid`` turns them into pixel means.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+from torch import nn
+
+from genlab.errors import GenlabError
+
+IMAGE_SHAPE = (1, 28, 28)
+IMAGE_PIXELS = 28 * 28
+
+ACTIVATIONS = {
+    "relu": nn.ReLU,
+    "leaky_relu": lambda: nn.LeakyReLU(0.2),
+    "tanh": nn.Tanh,
+    "elu": nn.ELU,
+    "gelu": nn.GELU,
+    "silu": nn.SiLU,
+}
+
+
+def _activation(name: str) -> nn.Module:
+    if name not in ACTIVATIONS:
+        raise GenlabError(
+            f"model.net.activation={name!r} is not known; choose one of {sorted(ACTIVATIONS)}."
+        )
+    return ACTIVATIONS[name]()
+
+
+def _check_hidden_dims(hidden_dims: Sequence[int]) -> list[int]:
+    dims = [int(d) for d in hidden_dims]
+    if not dims or any(d < 1 for d in dims):
+        raise GenlabError(
+            f"model.net.hidden_dims={list(hidden_dims)} must list at least one positive width."
+        )
+    return dims
+
+
+class MLP:
+    """Fully connected nets: 784 -> hidden_dims -> out, and in -> reversed(hidden_dims) -> 784."""
+
+    def __init__(self, hidden_dims: Sequence[int] = (512, 256), activation: str = "relu"):
+        self.hidden_dims = _check_hidden_dims(hidden_dims)
+        self.activation = activation
+        _activation(activation)
+
+    def _stack(self, widths: list[int]) -> list[nn.Module]:
+        layers: list[nn.Module] = []
+        for i, (n_in, n_out) in enumerate(itertools.pairwise(widths)):
+            layers.append(nn.Linear(n_in, n_out))
+            if i < len(widths) - 2:
+                layers.append(_activation(self.activation))
+        return layers
+
+    def encoder(self, out_features: int) -> nn.Module:
+        widths = [IMAGE_PIXELS, *self.hidden_dims, out_features]
+        return nn.Sequential(nn.Flatten(), *self._stack(widths))
+
+    def decoder(self, in_features: int) -> nn.Module:
+        widths = [in_features, *reversed(self.hidden_dims), IMAGE_PIXELS]
+        return nn.Sequential(*self._stack(widths), nn.Unflatten(1, IMAGE_SHAPE))
+
+
+class Conv:
+    """Convolutional nets; ``hidden_dims`` are channel counts.
+
+    The first two conv layers halve the resolution (28 -> 14 -> 7), later ones
+    keep it; a linear layer maps the flattened feature map to ``out``. The
+    decoder mirrors this with transposed convolutions.
+    """
+
+    def __init__(self, hidden_dims: Sequence[int] = (32, 64), activation: str = "relu"):
+        self.hidden_dims = _check_hidden_dims(hidden_dims)
+        self.activation = activation
+        _activation(activation)
+
+    def _strides(self) -> list[int]:
+        return [2 if i < 2 else 1 for i in range(len(self.hidden_dims))]
+
+    def _feature_shape(self) -> tuple[int, int, int]:
+        side = IMAGE_SHAPE[1] // 2 ** min(2, len(self.hidden_dims))
+        return self.hidden_dims[-1], side, side
+
+    def encoder(self, out_features: int) -> nn.Module:
+        layers: list[nn.Module] = []
+        channels = [IMAGE_SHAPE[0], *self.hidden_dims]
+        for c_in, c_out, stride in zip(channels[:-1], channels[1:], self._strides()):
+            kernel = 4 if stride == 2 else 3
+            layers += [
+                nn.Conv2d(c_in, c_out, kernel, stride, padding=1),
+                _activation(self.activation),
+            ]
+        c, h, w = self._feature_shape()
+        return nn.Sequential(*layers, nn.Flatten(), nn.Linear(c * h * w, out_features))
+
+    def decoder(self, in_features: int) -> nn.Module:
+        c, h, w = self._feature_shape()
+        layers: list[nn.Module] = [
+            nn.Linear(in_features, c * h * w),
+            _activation(self.activation),
+            nn.Unflatten(1, (c, h, w)),
+        ]
+        channels = [*reversed(self.hidden_dims), IMAGE_SHAPE[0]]
+        strides = list(reversed(self._strides()))
+        for i, (c_in, c_out, stride) in enumerate(zip(channels[:-1], channels[1:], strides)):
+            if stride == 2:
+                layers.append(nn.ConvTranspose2d(c_in, c_out, 4, 2, padding=1))
+            else:
+                layers.append(nn.Conv2d(c_in, c_out, 3, 1, padding=1))
+            if i < len(strides) - 1:
+                layers.append(_activation(self.activation))
+        return nn.Sequential(*layers)

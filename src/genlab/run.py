@@ -1,0 +1,87 @@
+"""The run directory: which checkpoint to resume or test, metrics.json, and
+models rebuilt from a checkpoint alone.
+
+Layout of a run directory::
+
+    .hydra/            config.yaml, overrides.yaml, hydra.yaml (written by Hydra)
+    tensorboard/       event files and hparams.yaml
+    checkpoints/       last.ckpt and best-epochNNN.ckpt (the best by val/loss)
+    metrics.json       test metrics and the final validation metrics, after fit
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from genlab.errors import GenlabError
+from genlab.models.base import CONFIG_KEY, GenerativeModel
+
+CHECKPOINT_DIR = "checkpoints"
+LAST_CHECKPOINT = "last.ckpt"
+METRICS_FILE = "metrics.json"
+
+
+def resume_checkpoint(resume: str | None, output_dir: Path) -> str | None:
+    """The checkpoint that ``resume`` (null | last | a path) asks to continue from.
+
+    A fresh run (``resume=null``) refuses a directory that already holds a
+    ``last.ckpt``, so earlier work is never overwritten by accident.
+    """
+    last = output_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
+    if resume is None:
+        if last.exists():
+            raise GenlabError(
+                f"The run directory {str(output_dir)!r} already holds checkpoints of an earlier run "
+                f"({last.name}). Continue that run with resume=last, or start a new one in another "
+                f"directory (leave hydra.run.dir at its default or choose a new one)."
+            )
+        return None
+    if resume == "last":
+        if not last.is_file():
+            raise GenlabError(
+                f"resume=last found no checkpoint at {str(last)!r}. Pass the run's directory with "
+                f"hydra.run.dir=<run dir> (and the run's overrides), or resume=<path to a .ckpt>."
+            )
+        return str(last)
+    path = Path(resume)
+    if not path.is_file():
+        raise GenlabError(
+            f"resume={resume!r} is not a checkpoint file. Use resume=null (a fresh run), "
+            f"resume=last (this run directory's {LAST_CHECKPOINT}) or a path to a .ckpt file."
+        )
+    return str(path)
+
+
+def best_checkpoint(trainer: pl.Trainer) -> str | None:
+    """Path of the best checkpoint by the monitored metric, or None when nothing was ranked."""
+    callback = trainer.checkpoint_callback
+    best = getattr(callback, "best_model_path", "") if callback is not None else ""
+    return best or None
+
+
+def write_metrics(path: Path, metrics: dict[str, Any]) -> None:
+    """Write ``metrics`` as JSON atomically: a reader never sees half a file."""
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def load_model(ckpt_path: str | os.PathLike, map_location: str = "cpu") -> GenerativeModel:
+    """Rebuild a trained model from a genlab checkpoint (its run config travels inside it)."""
+    checkpoint = torch.load(ckpt_path, map_location=map_location, weights_only=True)
+    if CONFIG_KEY not in checkpoint:
+        raise GenlabError(
+            f"{str(ckpt_path)!r} is not a genlab checkpoint (it holds no run config)."
+        )
+    model = instantiate(OmegaConf.create(checkpoint[CONFIG_KEY]).model)
+    model.load_state_dict(checkpoint["state_dict"])
+    model.run_config = checkpoint[CONFIG_KEY]
+    return model.eval()

@@ -1,0 +1,81 @@
+"""genlab-train: one training run (or a sweep with -m) from the Hydra config in conf/train.yaml.
+
+config -> seed -> data, model, logger, callbacks, trainer -> fit -> test -> metrics.json
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from genlab import run
+from genlab.config import CONF_DIR
+from genlab.errors import user_errors
+
+log = logging.getLogger(__name__)
+
+
+def _quiet_third_party_noise() -> None:
+    """Drop messages that say nothing about the run: an advert and a deprecation
+    inside Lightning's own code that users cannot act on."""
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(
+        lambda record: "litlogger" not in record.getMessage()
+    )
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Train and test one model as ``cfg`` describes; returns what metrics.json holds."""
+    start = time.perf_counter()
+    output_dir = Path(cfg.paths.output_dir)
+    ckpt_path = run.resume_checkpoint(cfg.resume, output_dir)
+    pl.seed_everything(cfg.seed, workers=True)
+
+    datamodule = instantiate(cfg.data)
+    model = instantiate(cfg.model)
+    model.run_config = OmegaConf.to_container(cfg, resolve=True)
+    logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c]
+    trainer: pl.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks)
+    if logger:
+        logger.log_hyperparams(model.run_config)
+
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    final_val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    tested = run.best_checkpoint(trainer)
+    (test_metrics,) = trainer.test(model, datamodule=datamodule, ckpt_path=tested)
+
+    metrics: dict[str, Any] = {
+        "status": "completed",
+        **final_val,
+        **test_metrics,
+        "epochs": trainer.current_epoch,
+        "global_step": trainer.global_step,
+        "tested_checkpoint": os.path.relpath(tested, output_dir) if tested else "final weights",
+        "wall_time_s": round(time.perf_counter() - start, 2),
+    }
+    if trainer.is_global_zero:
+        run.write_metrics(output_dir / run.METRICS_FILE, metrics)
+        log.info("Run directory: %s", output_dir.resolve())
+    return metrics
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    """Console entry point ``genlab-train``."""
+    _quiet_third_party_noise()
+    with user_errors():
+        train(cfg)
+
+
+if __name__ == "__main__":
+    main()

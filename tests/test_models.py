@@ -1,0 +1,87 @@
+"""Networks and model families: shapes, the loss terms against their definitions, bad input."""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import pytest
+import torch
+from torch.distributions import Bernoulli, Normal, kl_divergence
+
+from genlab.errors import GenlabError
+from genlab.models import AE, GAN, VAE
+from genlab.models.base import reconstruction_nll
+from genlab.models.nets import MLP, Conv
+
+ADAM = partial(torch.optim.Adam, lr=1e-3)
+NETS = [MLP([64, 32]), MLP([16]), Conv([8, 16]), Conv([8]), Conv([4, 8, 8])]
+
+
+@pytest.mark.parametrize("net", NETS, ids=lambda n: f"{type(n).__name__}{n.hidden_dims}")
+def test_nets_map_images_to_features_and_back(net):
+    x = torch.rand(5, 1, 28, 28)
+    assert net.encoder(7)(x).shape == (5, 7)
+    assert net.decoder(3)(torch.randn(5, 3)).shape == (5, 1, 28, 28)
+
+
+@pytest.mark.parametrize("net", [MLP([32]), Conv([8, 16])], ids=["mlp", "conv"])
+def test_families_produce_images_of_the_right_shape(net):
+    x = torch.rand(4, 1, 28, 28)
+    assert AE(net, ADAM, latent_dim=3)(x).shape == x.shape
+    vae = VAE(net, ADAM, latent_dim=3)
+    mu, logvar = vae.encode(x)
+    assert mu.shape == logvar.shape == (4, 3)
+    assert vae(x).shape == x.shape
+    for model in (vae, GAN(net, ADAM, latent_dim=5)):
+        samples = model.sample(6)
+        assert samples.shape == (6, 1, 28, 28)
+        assert 0.0 <= samples.min() and samples.max() <= 1.0
+
+
+def test_vae_terms_match_their_definitions():
+    torch.manual_seed(0)
+    vae = VAE(MLP([32]), ADAM, latent_dim=4, beta=4.0)
+    x = torch.rand(8, 1, 28, 28).round()
+    metrics = vae.step((x, torch.zeros(8)), batch_idx=0, split="val")
+
+    mu, logvar = vae.encode(x)
+    q = Normal(mu, torch.exp(0.5 * logvar))
+    kl = kl_divergence(q, Normal(0.0, 1.0)).sum(1).mean()
+    torch.testing.assert_close(metrics["kl"], kl)
+    torch.testing.assert_close(metrics["neg_elbo"], metrics["recon"] + metrics["kl"])
+    torch.testing.assert_close(metrics["loss"], metrics["recon"] + 4.0 * metrics["kl"])
+
+    # Evaluation noise is fixed per batch index, so evaluating twice gives the same numbers.
+    again = vae.step((x, torch.zeros(8)), batch_idx=0, split="val")
+    torch.testing.assert_close(again["loss"], metrics["loss"])
+
+
+def test_reconstruction_nll_is_a_log_likelihood_in_nats():
+    logits, x = torch.randn(3, 1, 28, 28), torch.rand(3, 1, 28, 28).round()
+    bernoulli = -Bernoulli(logits=logits).log_prob(x).flatten(1).sum(1)
+    torch.testing.assert_close(reconstruction_nll(logits, x, "bce"), bernoulli)
+    gaussian = -Normal(torch.sigmoid(logits), math.sqrt(0.5)).log_prob(x).flatten(1).sum(1)
+    torch.testing.assert_close(reconstruction_nll(logits, x, "mse"), gaussian)
+
+
+def test_kl_warmup_ramps_linearly_to_beta():
+    vae = VAE(MLP([16]), ADAM, latent_dim=2, beta=2.0, kl_warmup_epochs=4)
+    assert vae.kl_weight(0.0) == 0.0
+    assert vae.kl_weight(0.5) == pytest.approx(2.0 * 0.5 / 4)
+    assert vae.kl_weight(4.0) == vae.kl_weight(9.0) == 2.0
+    assert VAE(MLP([16]), ADAM, latent_dim=2, beta=2.0).kl_weight(0.0) == 2.0
+
+
+@pytest.mark.parametrize(
+    ("build", "option"),
+    [
+        (lambda: MLP([64], activation="sigmoidish"), "model.net.activation"),
+        (lambda: Conv([]), "model.net.hidden_dims"),
+        (lambda: VAE(MLP([8]), ADAM, recon_loss="l1"), "model.recon_loss"),
+        (lambda: AE(MLP([8]), ADAM, recon_loss="l1"), "model.recon_loss"),
+    ],
+)
+def test_bad_model_options_name_the_option(build, option):
+    with pytest.raises(GenlabError, match=option):
+        build()

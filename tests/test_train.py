@@ -1,0 +1,118 @@
+"""Training runs composed in process, as `genlab-train` runs them: files, metrics, checkpoints, resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+
+from genlab import run
+from genlab.errors import GenlabError
+from genlab.train import train
+
+TEST_METRICS = {
+    "vae": {"test/loss", "test/neg_elbo", "test/recon", "test/kl"},
+    "ae": {"test/loss", "test/recon"},
+    "gan": {"test/d_loss", "test/g_loss", "test/d_real", "test/d_fake"},
+}
+
+
+@pytest.mark.parametrize("net", ["mlp", "conv"])
+@pytest.mark.parametrize("data", ["mnist", "fashion_mnist"])
+@pytest.mark.parametrize("model", ["vae", "ae", "gan"])
+def test_every_family_trains_on_every_data_set_and_net(make_cfg, tmp_path, model, data, net):
+    metrics = train(make_cfg(f"model={model}", f"data={data}", f"model/net={net}"))
+
+    run_dir = tmp_path / "run"
+    assert json.loads((run_dir / "metrics.json").read_text()) == metrics
+    assert TEST_METRICS[model] <= metrics.keys()
+    assert all(torch.isfinite(torch.tensor(metrics[k])) for k in TEST_METRICS[model])
+    assert metrics["status"] == "completed" and metrics["epochs"] == 1
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    best = list((run_dir / "checkpoints").glob("best-*.ckpt"))
+    # AE and VAE keep the best checkpoint by val/loss and are tested on it; a GAN has no val/loss.
+    assert len(best) == (0 if model == "gan" else 1)
+
+
+def test_vae_loss_falls_over_100_steps_on_real_mnist(make_cfg):
+    cfg = make_cfg(
+        "model=vae", "++trainer.limit_train_batches=100", "++trainer.limit_val_batches=2"
+    )
+    pl.seed_everything(cfg.seed)
+    datamodule, model = instantiate(cfg.data), instantiate(cfg.model)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        limit_train_batches=100,
+        limit_val_batches=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    (before,) = trainer.validate(model, datamodule=datamodule, verbose=False)
+    trainer.fit(model, datamodule=datamodule)
+    (after,) = trainer.validate(model, datamodule=datamodule, verbose=False)
+    # An untrained Bernoulli decoder scores ~784 * log 2 = 543 nats; 100 Adam steps get well below 200.
+    assert before["val/neg_elbo"] > 400
+    assert after["val/neg_elbo"] < 200
+    assert after["val/loss"] < 0.5 * before["val/loss"]
+
+
+def test_metrics_json_reports_the_test_set_and_final_validation(make_cfg, tmp_path):
+    metrics = train(make_cfg("model=vae", "model.beta=2"))
+    assert metrics["test/loss"] == pytest.approx(metrics["test/recon"] + 2 * metrics["test/kl"])
+    assert metrics["test/neg_elbo"] == pytest.approx(metrics["test/recon"] + metrics["test/kl"])
+    assert {"val/loss", "val/neg_elbo", "val/recon", "val/kl"} <= metrics.keys()
+    assert metrics["tested_checkpoint"].startswith("checkpoints/best-")
+    assert metrics["global_step"] == 3 and metrics["wall_time_s"] > 0
+
+
+def test_a_checkpoint_alone_rebuilds_the_model_and_its_test_metrics(make_cfg, tmp_path):
+    cfg = make_cfg("model=vae", "model.latent_dim=3", "model/net=conv")
+    metrics = train(cfg)
+    model = run.load_model(tmp_path / "run" / metrics["tested_checkpoint"])
+    assert model.latent_dim == 3 and not model.training
+
+    trainer = pl.Trainer(
+        accelerator="cpu", limit_test_batches=1, logger=False, enable_progress_bar=False
+    )
+    (again,) = trainer.test(model, datamodule=instantiate(cfg.data), verbose=False)
+    for key in TEST_METRICS["vae"]:
+        assert again[key] == pytest.approx(metrics[key], rel=1e-6)
+
+
+def test_resume_last_continues_at_the_next_epoch(make_cfg, tmp_path):
+    first = train(make_cfg("model=ae"))
+    assert first["epochs"] == 1 and first["global_step"] == 3
+
+    resumed = train(make_cfg("model=ae", "trainer.max_epochs=3", "resume=last"))
+    assert resumed["epochs"] == 3 and resumed["global_step"] == 9
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["epoch"] == 2 and last["global_step"] == 9
+    # One TensorBoard history, not a version_N folder per attempt.
+    assert not list((tmp_path / "run" / "tensorboard").glob("version_*"))
+
+
+def test_resume_last_without_a_checkpoint_is_a_clear_error(make_cfg, tmp_path):
+    with pytest.raises(GenlabError, match="resume=last found no checkpoint"):
+        train(make_cfg("resume=last"))
+
+
+def test_a_fresh_run_never_overwrites_an_earlier_runs_checkpoints(make_cfg, tmp_path):
+    train(make_cfg("model=ae"))
+    before = (tmp_path / "run" / "checkpoints" / "last.ckpt").read_bytes()
+    with pytest.raises(GenlabError, match="resume=last"):
+        train(make_cfg("model=ae"))
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").read_bytes() == before
+
+
+def test_gan_logs_both_players(make_cfg, tmp_path):
+    metrics = train(make_cfg("model=gan", "++trainer.limit_train_batches=20"))
+    assert 0.0 < metrics["test/d_real"] < 1.0 and 0.0 < metrics["test/d_fake"] < 1.0
+    # Two optimiser steps per batch.
+    assert metrics["global_step"] == 40
