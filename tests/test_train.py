@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
 import pytest
@@ -116,3 +117,13 @@ def test_gan_logs_both_players(make_cfg, tmp_path):
     assert 0.0 < metrics["test/d_real"] < 1.0 and 0.0 < metrics["test/d_fake"] < 1.0
     # Two optimiser steps per batch.
     assert metrics["global_step"] == 40
+
+
+def test_training_logs_step_values_and_their_epoch_mean(make_cfg, tmp_path):
+    train(make_cfg("model=vae", "logger=csv", "trainer.log_every_n_steps=1"))
+    rows = list(csv.DictReader((tmp_path / "run" / "csv" / "metrics.csv").open()))
+    steps = [float(r["train/loss_step"]) for r in rows if r.get("train/loss_step")]
+    (epoch,) = [float(r["train/loss_epoch"]) for r in rows if r.get("train/loss_epoch")]
+    assert len(steps) == 3  # every step (log_every_n_steps=1), all batches of 128
+    assert epoch == pytest.approx(sum(steps) / 3, rel=1e-5)
+    assert any(r.get("val/loss") for r in rows) and any(r.get("test/loss") for r in rows)

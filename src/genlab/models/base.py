@@ -39,6 +39,12 @@ def reconstruction_nll(logits: Tensor, x: Tensor, recon_loss: str) -> Tensor:
     return squared_error.sum(1) + squared_error.size(1) * _GAUSSIAN_NLL_CONST
 
 
+def _writes_step_logs(trainer: pl.Trainer) -> bool:
+    """Whether Lightning writes this training step's logged values to the loggers."""
+    # Lightning's own test; should its internals change, log every step (slower, same output).
+    return getattr(trainer._logger_connector, "should_update_logs", True)
+
+
 class GenerativeModel(pl.LightningModule):
     """Base class of the AE, VAE and GAN LightningModules.
 
@@ -71,17 +77,51 @@ class GenerativeModel(pl.LightningModule):
         self.log_metrics("test", self.step(batch, batch_idx, "test"), batch[0].size(0))
 
     def log_metrics(self, split: str, metrics: dict[str, Tensor], batch_size: int) -> None:
-        """Log ``metrics`` as ``split/name``: per step and per epoch in training, per epoch otherwise."""
-        shown = {f"{split}/{k}": v for k, v in metrics.items() if k in self.prog_bar_metrics}
-        hidden = {f"{split}/{k}": v for k, v in metrics.items() if k not in self.prog_bar_metrics}
-        for values, prog_bar in ((shown, True), (hidden, False)):
+        """Log ``metrics`` under ``split/<name>``.
+
+        Validation and test log the mean over the epoch's batches. Training
+        logs ``train/<name>_step`` on the steps whose values Lightning writes
+        (every ``trainer.log_every_n_steps``) and ``train/<name>_epoch``, the
+        mean over the epoch, when the epoch ends.
+        """
+        if split != "train":
+            self._log_all(split, metrics, "", batch_size=batch_size)
+            return
+        # A self.log call costs about 1 ms of Lightning bookkeeping, as much as
+        # a whole training step of a small model, so the epoch means are summed
+        # here and Lightning only sees values on the steps it writes out.
+        for name, value in metrics.items():
+            self._train_sums[name] = self._train_sums.get(name, 0.0) + value.detach() * batch_size
+        self._train_count += batch_size
+        if _writes_step_logs(self.trainer):
+            self._log_all("train", metrics, "_step", batch_size=batch_size)
+
+    def on_train_epoch_start(self) -> None:
+        self._train_sums: dict[str, Tensor] = {}
+        self._train_count = 0
+
+    def on_train_epoch_end(self) -> None:
+        if self._train_count:
+            means = {k: v / self._train_count for k, v in self._train_sums.items()}
+            self._log_all("train", means, "_epoch")
+
+    def _log_all(self, split: str, metrics: dict[str, Tensor], suffix: str, **kwargs: Any) -> None:
+        # Lightning takes prog_bar per call, so metrics shown in the bar go in a call of their own.
+        for prog_bar in (True, False):
+            values = {
+                f"{split}/{k}{suffix}": v
+                for k, v in metrics.items()
+                if (k in self.prog_bar_metrics) == prog_bar
+            }
             if values:
+                step = suffix == "_step"
                 self.log_dict(
                     values,
-                    on_step=split == "train",
-                    on_epoch=True,
+                    on_step=step,
+                    on_epoch=not step,
                     prog_bar=prog_bar,
-                    batch_size=batch_size,
+                    sync_dist=not step,
+                    **kwargs,
                 )
 
     def eval_noise(self, shape: tuple[int, ...], batch_idx: int) -> Tensor:
