@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from genlab.errors import check_choice
@@ -32,14 +33,12 @@ class AE(GenerativeModel):
         self.encoder = net.encoder(latent_dim)
         self.decoder = net.decoder(latent_dim)
 
-    def encode(self, x: Tensor) -> Tensor:
-        return self.encoder(x)
-
     def forward(self, x: Tensor) -> Tensor:
-        """Reconstruction logits of ``x``."""
-        return self.decoder(self.encoder(x))
+        """Reconstructions of ``x`` (pixel means in [0, 1])."""
+        return torch.sigmoid(self.decoder(self.encoder(x)))
 
     def step(self, batch: tuple[Tensor, Tensor], batch_idx: int, split: str) -> dict[str, Tensor]:
         x, _ = batch
-        recon = reconstruction_nll(self(x), x, self.recon_loss).mean()
+        logits = self.decoder(self.encoder(x))
+        recon = reconstruction_nll(logits, x, self.recon_loss).mean()
         return {"loss": recon, "recon": recon}

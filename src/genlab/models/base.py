@@ -42,7 +42,8 @@ def reconstruction_nll(logits: Tensor, x: Tensor, recon_loss: str) -> Tensor:
 def _writes_step_logs(trainer: pl.Trainer) -> bool:
     """Whether Lightning writes this training step's logged values to the loggers."""
     # Lightning's own test; should its internals change, log every step (slower, same output).
-    return getattr(trainer._logger_connector, "should_update_logs", True)
+    connector = getattr(trainer, "_logger_connector", None)
+    return getattr(connector, "should_update_logs", True)
 
 
 class GenerativeModel(pl.LightningModule):
@@ -77,24 +78,24 @@ class GenerativeModel(pl.LightningModule):
         self.log_metrics("test", self.step(batch, batch_idx, "test"), batch[0].size(0))
 
     def log_metrics(self, split: str, metrics: dict[str, Tensor], batch_size: int) -> None:
-        """Log ``metrics`` under ``split/<name>``.
+        """Log ``metrics`` as ``split/<name>``: the mean over the epoch's batches.
 
-        Validation and test log the mean over the epoch's batches. Training
-        logs ``train/<name>_step`` on the steps whose values Lightning writes
-        (every ``trainer.log_every_n_steps``) and ``train/<name>_epoch``, the
-        mean over the epoch, when the epoch ends.
+        Training also logs ``train/<name>_step``, the batch's value, on the
+        steps whose values Lightning writes out (every ``trainer.log_every_n_steps``).
         """
         if split != "train":
-            self._log_all(split, metrics, "", batch_size=batch_size)
+            self._log(split, metrics, batch_size=batch_size)
             return
         # A self.log call costs about 1 ms of Lightning bookkeeping, as much as
         # a whole training step of a small model, so the epoch means are summed
-        # here and Lightning only sees values on the steps it writes out.
+        # here (in float32: a bf16 sum stops growing at 2^15) and Lightning only
+        # sees per-step values on the steps it writes out.
         for name, value in metrics.items():
-            self._train_sums[name] = self._train_sums.get(name, 0.0) + value.detach() * batch_size
+            total = value.detach().float() * batch_size
+            self._train_sums[name] = self._train_sums.get(name, 0.0) + total
         self._train_count += batch_size
         if _writes_step_logs(self.trainer):
-            self._log_all("train", metrics, "_step", batch_size=batch_size)
+            self._log("train", metrics, on_step=True, batch_size=batch_size)
 
     def on_train_epoch_start(self) -> None:
         self._train_sums: dict[str, Tensor] = {}
@@ -103,24 +104,28 @@ class GenerativeModel(pl.LightningModule):
     def on_train_epoch_end(self) -> None:
         if self._train_count:
             means = {k: v / self._train_count for k, v in self._train_sums.items()}
-            self._log_all("train", means, "_epoch")
+            self._log("train", means)
 
-    def _log_all(self, split: str, metrics: dict[str, Tensor], suffix: str, **kwargs: Any) -> None:
+    def _log(
+        self, split: str, metrics: dict[str, Tensor], on_step: bool = False, **kwargs: Any
+    ) -> None:
+        """Log as ``split/<name>`` once per epoch (reduced across devices), or as
+        ``split/<name>_step`` for this step."""
+        suffix = "_step" if on_step else ""
         # Lightning takes prog_bar per call, so metrics shown in the bar go in a call of their own.
         for prog_bar in (True, False):
             values = {
-                f"{split}/{k}{suffix}": v
-                for k, v in metrics.items()
-                if (k in self.prog_bar_metrics) == prog_bar
+                f"{split}/{name}{suffix}": value
+                for name, value in metrics.items()
+                if (name in self.prog_bar_metrics) == prog_bar
             }
             if values:
-                step = suffix == "_step"
                 self.log_dict(
                     values,
-                    on_step=step,
-                    on_epoch=not step,
+                    on_step=on_step,
+                    on_epoch=not on_step,
                     prog_bar=prog_bar,
-                    sync_dist=not step,
+                    sync_dist=not on_step,
                     **kwargs,
                 )
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from genlab.errors import GenlabError
+from genlab.errors import GenlabError, check_choice
 
 IMAGE_SHAPE = (1, 28, 28)
 IMAGE_PIXELS = 28 * 28
@@ -29,29 +29,29 @@ ACTIVATIONS = {
 
 
 def _activation(name: str) -> nn.Module:
-    if name not in ACTIVATIONS:
-        raise GenlabError(
-            f"model.net.activation={name!r} is not known; choose one of {sorted(ACTIVATIONS)}."
-        )
+    check_choice("model.net.activation", name, ACTIVATIONS)
     return ACTIVATIONS[name]()
 
 
-def _check_hidden_dims(hidden_dims: Sequence[int]) -> list[int]:
-    dims = [int(d) for d in hidden_dims]
-    if not dims or any(d < 1 for d in dims):
-        raise GenlabError(
-            f"model.net.hidden_dims={list(hidden_dims)} must list at least one positive width."
-        )
-    return dims
+class _Net:
+    """Holds what both kinds of net are configured by."""
+
+    def __init__(self, hidden_dims: Sequence[int], activation: str):
+        dims = [int(d) for d in hidden_dims]
+        if not dims or any(d < 1 for d in dims):
+            raise GenlabError(
+                f"model.net.hidden_dims={list(hidden_dims)} must list at least one positive width."
+            )
+        _activation(activation)
+        self.hidden_dims = dims
+        self.activation = activation
 
 
-class MLP:
+class MLP(_Net):
     """Fully connected nets: 784 -> hidden_dims -> out, and in -> reversed(hidden_dims) -> 784."""
 
     def __init__(self, hidden_dims: Sequence[int] = (512, 256), activation: str = "relu"):
-        self.hidden_dims = _check_hidden_dims(hidden_dims)
-        self.activation = activation
-        _activation(activation)
+        super().__init__(hidden_dims, activation)
 
     def _stack(self, widths: list[int]) -> list[nn.Module]:
         layers: list[nn.Module] = []
@@ -70,7 +70,7 @@ class MLP:
         return nn.Sequential(*self._stack(widths), nn.Unflatten(1, IMAGE_SHAPE))
 
 
-class Conv:
+class Conv(_Net):
     """Convolutional nets; ``hidden_dims`` are channel counts.
 
     The first two conv layers halve the resolution (28 -> 14 -> 7), later ones
@@ -79,9 +79,7 @@ class Conv:
     """
 
     def __init__(self, hidden_dims: Sequence[int] = (32, 64), activation: str = "relu"):
-        self.hidden_dims = _check_hidden_dims(hidden_dims)
-        self.activation = activation
-        _activation(activation)
+        super().__init__(hidden_dims, activation)
 
     def _strides(self) -> list[int]:
         return [2 if i < 2 else 1 for i in range(len(self.hidden_dims))]

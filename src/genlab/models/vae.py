@@ -49,8 +49,8 @@ class VAE(GenerativeModel):
         return mu, logvar
 
     def forward(self, x: Tensor) -> Tensor:
-        """Reconstruction logits of ``x`` from the posterior mean."""
-        return self.decoder(self.encode(x)[0])
+        """Reconstructions of ``x`` (pixel means in [0, 1]) decoded from the posterior mean."""
+        return torch.sigmoid(self.decoder(self.encode(x)[0]))
 
     @torch.no_grad()
     def sample(self, n: int) -> Tensor:
@@ -80,5 +80,5 @@ class VAE(GenerativeModel):
         if split == "train" and self.kl_warmup_epochs > 0:
             epochs_done = self.current_epoch + batch_idx / max(1, self.trainer.num_training_batches)
             beta = self.kl_weight(epochs_done)
-            metrics["kl_weight"] = torch.tensor(beta)
+            metrics["kl_weight"] = kl.new_tensor(beta)
         return {"loss": recon + beta * kl, **metrics}
