@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -81,15 +83,20 @@ def test_static_binarisation_is_one_fixed_sample(data_dir):
 def test_dynamic_binarisation_resamples_training_batches_each_epoch(data_dir, mnist):
     dm = ImageDataModule("mnist", data_dir, binarize="dynamic", download=False)
     dm.setup("fit")
-    loader = dm.train_dataloader()
-    x0, _ = next(iter(loader))
-    loader.sampler.set_epoch(1)
-    x1, _ = next(iter(loader))
-    assert set(x0.unique().tolist()) == {0.0, 1.0}
-    assert not torch.equal(x0, x1)
     # The training split itself stays grey-level; evaluation data is one fixed binary sample.
     assert torch.equal(dm.splits["train"][0], mnist.splits["train"][0])
     assert set(dm.splits["val"][0].unique().tolist()) == {0.0, 1.0}
+
+    grey = dm.splits["train"][0][:512]
+    loader = BatchLoader(grey, torch.arange(512), batch_size=512, binarize_dynamic=True)
+    (first, _), (again, _) = next(iter(loader)), next(iter(loader))
+    loader.sampler.set_epoch(1)
+    (second, _) = next(iter(loader))
+    assert set(first.unique().tolist()) == {0.0, 1.0}
+    assert torch.equal(first, again)  # seeded by the epoch
+    assert not torch.equal(first, second)  # the same images, freshly sampled
+    # Each pixel is on with probability equal to its grey level.
+    assert (first.mean() - grey.mean()).abs() < 0.01
 
 
 def test_batch_loader_on_plain_tensors():
@@ -126,4 +133,11 @@ def test_bad_choices_name_the_option_and_the_valid_values(option, kwargs, named)
 def test_val_size_out_of_range(data_dir):
     dm = ImageDataModule("mnist", data_dir, val_size=60000, download=False)
     with pytest.raises(GenlabError, match="data.val_size=60000"):
+        dm.setup("fit")
+
+
+def test_multi_process_training_is_refused_not_silently_duplicated(data_dir):
+    dm = ImageDataModule("mnist", data_dir, download=False)
+    dm.trainer = SimpleNamespace(world_size=2, strategy=SimpleNamespace(root_device="cpu"))
+    with pytest.raises(GenlabError, match="trainer.devices=1"):
         dm.setup("fit")

@@ -62,13 +62,14 @@ class EpochOrder:
         self.epoch = epoch
 
     def generator(self, device: torch.device) -> torch.Generator:
+        """The epoch's random stream: it draws the order, then any per-batch noise."""
         return torch.Generator(device=device).manual_seed(_mix(self.seed, self.epoch))
 
-    def indices(self, device: torch.device) -> Tensor | None:
+    def indices(self, generator: torch.Generator) -> Tensor | None:
         """A permutation of range(size), or None to keep the stored order."""
         if not self.shuffle:
             return None
-        return torch.randperm(self.size, generator=self.generator(device), device=device)
+        return torch.randperm(self.size, generator=generator, device=generator.device)
 
 
 class BatchLoader:
@@ -100,9 +101,8 @@ class BatchLoader:
         return math.ceil(len(self.images) / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        device = self.images.device
-        order = self.sampler.indices(device)
-        noise = self.sampler.generator(device) if self.binarize_dynamic else None
+        generator = self.sampler.generator(self.images.device)
+        order = self.sampler.indices(generator)
         for start in range(0, len(self.images), self.batch_size):
             if order is None:  # slicing is a view: no copy
                 images = self.images[start : start + self.batch_size]
@@ -110,8 +110,8 @@ class BatchLoader:
             else:
                 idx = order[start : start + self.batch_size]
                 images, labels = self.images[idx], self.labels[idx]
-            if noise is not None:
-                images = torch.bernoulli(images, generator=noise)
+            if self.binarize_dynamic:
+                images = torch.bernoulli(images, generator=generator)
             yield images, labels
 
 
@@ -182,6 +182,12 @@ class ImageDataModule(pl.LightningDataModule):
             self._decoded[train] = (split.data, split.targets.long())
         return self._decoded[train]
 
+    def _take_decoded(self, train: bool) -> tuple[Tensor, Tensor]:
+        """The decoded split, released from the cache once setup() has built its tensors."""
+        decoded = self._decode(train)
+        del self._decoded[train]
+        return decoded
+
     def _open(self, train: bool) -> datasets.VisionDataset:
         cls = DATASETS[self.dataset]
         try:
@@ -204,9 +210,17 @@ class ImageDataModule(pl.LightningDataModule):
         self._decode(train=False)
 
     def setup(self, stage: str | None = None) -> None:
-        device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
+        device = torch.device("cpu")
+        if self.trainer is not None:
+            if self.trainer.world_size > 1:
+                raise GenlabError(
+                    f"Training on {self.trainer.world_size} processes (trainer.devices > 1 or "
+                    "trainer.num_nodes > 1) is not supported: genlab's in-memory batches would "
+                    "give every process the same data. Train with trainer.devices=1."
+                )
+            device = self.trainer.strategy.root_device
         if stage in (None, "fit", "validate") and "train" not in self.splits:
-            images, labels = self._decode(train=True)
+            images, labels = self._take_decoded(train=True)
             if not 0 <= self.val_size < len(images):
                 raise GenlabError(
                     f"data.val_size={self.val_size} must be between 0 and {len(images) - 1} "
@@ -222,7 +236,7 @@ class ImageDataModule(pl.LightningDataModule):
             self.splits["train"] = (train_images.to(device), labels[train_idx].to(device))
             self.splits["val"] = self._eval_split(images[val_idx], labels[val_idx], device)
         if stage in (None, "test", "predict") and "test" not in self.splits:
-            self.splits["test"] = self._eval_split(*self._decode(train=False), device)
+            self.splits["test"] = self._eval_split(*self._take_decoded(train=False), device)
 
     def _eval_split(
         self, images: Tensor, labels: Tensor, device: torch.device
