@@ -29,11 +29,29 @@ LAST_CHECKPOINT = "last.ckpt"
 METRICS_FILE = "metrics.json"
 
 
-def resume_checkpoint(resume: str | None, output_dir: Path) -> str | None:
+# Options that may differ when a run is continued: where things live, how long
+# and on what it trains. Any other change means the checkpoint belongs to
+# another experiment (the optimiser state in it would even override a new lr).
+_FREE_ON_RESUME = (
+    "resume",
+    "paths.",
+    "trainer.",
+    "callbacks.",
+    "logger.",
+    "data.data_dir",
+    "data.download",
+    "data.eval_batch_size",
+)
+
+
+def resume_checkpoint(
+    resume: str | None, output_dir: Path, run_config: dict[str, Any]
+) -> str | None:
     """The checkpoint that ``resume`` (null | last | a path) asks to continue from.
 
     A fresh run (``resume=null``) refuses a directory that already holds a
-    ``last.ckpt``, so earlier work is never overwritten by accident.
+    ``last.ckpt``, so earlier work is never overwritten by accident; a resumed
+    run must describe the same experiment as the checkpoint.
     """
     last = output_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
     if resume is None:
@@ -50,21 +68,56 @@ def resume_checkpoint(resume: str | None, output_dir: Path) -> str | None:
                 f"resume=last found no checkpoint at {str(last)!r}. Pass the run's directory with "
                 f"hydra.run.dir=<run dir> (and the run's overrides), or resume=<path to a .ckpt>."
             )
-        return str(last)
-    path = Path(resume)
-    if not path.is_file():
+        path = last
+    else:
+        path = Path(resume)
+        if not path.is_file():
+            raise GenlabError(
+                f"resume={resume!r} is not a checkpoint file. Use resume=null (a fresh run), "
+                f"resume=last (this run directory's {LAST_CHECKPOINT}) or a path to a .ckpt file."
+            )
+    saved = torch.load(path, map_location="cpu", weights_only=True).get(CONFIG_KEY)
+    changes = _config_changes(saved, run_config) if saved is not None else []
+    if changes:
         raise GenlabError(
-            f"resume={resume!r} is not a checkpoint file. Use resume=null (a fresh run), "
-            f"resume=last (this run directory's {LAST_CHECKPOINT}) or a path to a .ckpt file."
+            f"resume={resume} would continue {str(path)!r} as a different experiment: "
+            f"{'; '.join(changes)}. Repeat the run's own overrides (its .hydra/overrides.yaml) "
+            f"when resuming; only paths, trainer, callbacks and logger settings may change."
         )
     return str(path)
 
 
-def best_checkpoint(trainer: pl.Trainer) -> str | None:
-    """Path of the best checkpoint by the monitored metric, or None when nothing was ranked."""
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(node, dict):
+        return {prefix: node}
+    flat: dict[str, Any] = {}
+    for key, value in node.items():
+        flat.update(
+            _flatten(value, f"{prefix}{key}." if isinstance(value, dict) else f"{prefix}{key}")
+        )
+    return flat
+
+
+def _config_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """``key: old -> new`` for every option that differs, except those free on resume."""
+    before, after = _flatten(saved), _flatten(now)
+    return [
+        f"{key} was {before.get(key, '<unset>')!r}, now {after.get(key, '<unset>')!r}"
+        for key in sorted(before.keys() | after.keys())
+        if before.get(key) != after.get(key) and not key.startswith(_FREE_ON_RESUME)
+    ]
+
+
+def tested_weights(trainer: pl.Trainer) -> tuple[str | None, dict[str, float]]:
+    """Which weights to test: the best checkpoint by the monitored metric when
+    one was ranked, else the final weights (None); with the validation numbers
+    known for exactly those weights."""
     callback = trainer.checkpoint_callback
     best = getattr(callback, "best_model_path", "") if callback is not None else ""
-    return best or None
+    if best:
+        return best, {callback.monitor: float(callback.best_model_score)}
+    final_val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    return None, final_val
 
 
 def write_metrics(path: Path, metrics: dict[str, Any]) -> None:

@@ -16,6 +16,7 @@ import hydra
 import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import ProgressBar
 
 from genlab import run
 from genlab.config import CONF_DIR
@@ -36,27 +37,30 @@ def _quiet_third_party_noise() -> None:
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train and test one model as ``cfg`` describes; returns what metrics.json holds."""
     start = time.perf_counter()
+    run_config = OmegaConf.to_container(cfg, resolve=True)
     output_dir = Path(cfg.paths.output_dir)
-    ckpt_path = run.resume_checkpoint(cfg.resume, output_dir)
+    ckpt_path = run.resume_checkpoint(cfg.resume, output_dir, run_config)
     pl.seed_everything(cfg.seed, workers=True)
 
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
-    model.run_config = OmegaConf.to_container(cfg, resolve=True)
+    model.run_config = run_config
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c]
+    if not cfg.trainer.get("enable_progress_bar", True):
+        # Lightning refuses a progress-bar callback beside enable_progress_bar=false; the switch wins.
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks)
     if logger:
-        logger.log_hyperparams(model.run_config)
+        logger.log_hyperparams(run_config)
 
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
-    final_val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-    tested = run.best_checkpoint(trainer)
+    tested, val_metrics = run.tested_weights(trainer)
     (test_metrics,) = trainer.test(model, datamodule=datamodule, ckpt_path=tested)
 
     metrics: dict[str, Any] = {
         "status": "completed",
-        **final_val,
+        **val_metrics,
         **test_metrics,
         "epochs": trainer.current_epoch,
         "global_step": trainer.global_step,
