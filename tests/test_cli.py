@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-FAST = [
+# The limits of the acceptance runs: one short epoch.
+ACCEPTANCE_LIMITS = [
     "trainer.max_epochs=1",
     "++trainer.limit_train_batches=20",
     "++trainer.limit_val_batches=5",
@@ -33,25 +34,30 @@ def genlab_train(*args: str, data_dir: Path | None, cwd: Path) -> subprocess.Com
 
 
 @pytest.mark.parametrize(
-    "spec",
+    ("spec", "target"),
     [
-        "model=vae data=mnist",
-        "model=ae data=fashion_mnist",
-        "model=gan data=mnist",
-        "model=vae data=fashion_mnist model/net=conv",
+        ("model=vae data=mnist", "genlab.models.VAE"),
+        ("model=ae data=fashion_mnist", "genlab.models.AE"),
+        ("model=gan data=mnist", "genlab.models.GAN"),
+        ("model=vae data=fashion_mnist model/net=conv", "genlab.models.VAE"),
     ],
 )
-def test_a_run_leaves_a_complete_run_directory(spec, data_dir, tmp_path):
+def test_a_run_leaves_a_complete_run_directory(spec, target, data_dir, tmp_path):
     run_dir = tmp_path / "run"
     result = genlab_train(
-        *spec.split(), *FAST, f"hydra.run.dir={run_dir}", data_dir=data_dir, cwd=tmp_path
+        *spec.split(),
+        *ACCEPTANCE_LIMITS,
+        f"hydra.run.dir={run_dir}",
+        data_dir=data_dir,
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
 
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["status"] == "completed"
     config = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
-    assert config["model"]["_target_"].lower().endswith(spec.split()[0].split("=")[1])
+    assert config["model"]["_target_"] == target
+    assert config["data"]["dataset"] == spec.split()[1].removeprefix("data=")
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert list((run_dir / "checkpoints").glob("*.ckpt"))
 
@@ -75,8 +81,7 @@ def test_multirun_writes_one_directory_per_job(data_dir, tmp_path):
     result = genlab_train(
         "-m",
         "model.latent_dim=2,4",
-        *FAST,
-        "++trainer.limit_train_batches=5",
+        *ACCEPTANCE_LIMITS,
         f"hydra.sweep.dir={sweep_dir}",
         data_dir=data_dir,
         cwd=tmp_path,
