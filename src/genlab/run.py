@@ -6,7 +6,7 @@ Layout of a run directory::
     .hydra/            config.yaml, overrides.yaml, hydra.yaml (written by Hydra)
     tensorboard/       event files and hparams.yaml
     checkpoints/       last.ckpt and best-epochNNN.ckpt (the best by val/loss)
-    metrics.json       test metrics and the final validation metrics, after fit
+    metrics.json       test metrics (and validation numbers of the tested weights), after fit
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from omegaconf import OmegaConf
 from genlab.errors import GenlabError
 from genlab.models.base import CONFIG_KEY, GenerativeModel
 
-CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
 METRICS_FILE = "metrics.json"
 
@@ -45,7 +44,7 @@ _FREE_ON_RESUME = (
 
 
 def resume_checkpoint(
-    resume: str | None, output_dir: Path, run_config: dict[str, Any]
+    resume: str | None, checkpoint_dir: Path, run_config: dict[str, Any]
 ) -> str | None:
     """The checkpoint that ``resume`` (null | last | a path) asks to continue from.
 
@@ -53,12 +52,12 @@ def resume_checkpoint(
     ``last.ckpt``, so earlier work is never overwritten by accident; a resumed
     run must describe the same experiment as the checkpoint.
     """
-    last = output_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
+    last = checkpoint_dir / LAST_CHECKPOINT
     if resume is None:
         if last.exists():
             raise GenlabError(
-                f"The run directory {str(output_dir)!r} already holds checkpoints of an earlier run "
-                f"({last.name}). Continue that run with resume=last, or start a new one in another "
+                f"{str(checkpoint_dir)!r} already holds checkpoints of an earlier run ({last.name}). "
+                f"Continue that run with resume=last, or start a new one in another "
                 f"directory (leave hydra.run.dir at its default or choose a new one)."
             )
         return None

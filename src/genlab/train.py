@@ -39,7 +39,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     start = time.perf_counter()
     run_config = OmegaConf.to_container(cfg, resolve=True)
     output_dir = Path(cfg.paths.output_dir)
-    ckpt_path = run.resume_checkpoint(cfg.resume, output_dir, run_config)
+    ckpt_path = run.resume_checkpoint(cfg.resume, Path(cfg.paths.checkpoint_dir), run_config)
     pl.seed_everything(cfg.seed, workers=True)
 
     datamodule = instantiate(cfg.data)
