@@ -22,6 +22,12 @@ TEST_METRICS = {
 }
 
 
+def csv_rows(run_dir) -> list[dict[str, str]]:
+    """The rows that logger=csv wrote for a run."""
+    with (run_dir / "csv" / "metrics.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
 @pytest.mark.parametrize("net", ["mlp", "conv"])
 @pytest.mark.parametrize("data", ["mnist", "fashion_mnist"])
 @pytest.mark.parametrize("model", ["vae", "ae", "gan"])
@@ -128,7 +134,7 @@ def test_gan_trains_both_players(make_cfg, tmp_path):
     metrics = train(make_cfg("model=gan", "logger=csv", "++trainer.limit_train_batches=30"))
     # Two optimiser steps per batch.
     assert metrics["global_step"] == 60
-    rows = list(csv.DictReader((tmp_path / "run" / "csv" / "metrics.csv").open()))
+    rows = csv_rows(tmp_path / "run")
     (epoch,) = [r for r in rows if r.get("train/d_loss")]
     assert float(epoch["train/g_loss"]) > 0 and 0 < float(epoch["train/d_fake"]) < 1
     # After 30 steps the discriminator already tells held-out digits from samples.
@@ -142,7 +148,7 @@ def test_kl_warmup_ramps_the_training_objective(make_cfg, tmp_path):
             "model.beta=2", "model.kl_warmup_epochs=2", "logger=csv", "trainer.log_every_n_steps=1"
         )
     )
-    rows = list(csv.DictReader((tmp_path / "run" / "csv" / "metrics.csv").open()))
+    rows = csv_rows(tmp_path / "run")
     weights = [float(r["train/kl_weight_step"]) for r in rows if r.get("train/kl_weight_step")]
     # Three batches of the first of two warm-up epochs: beta * (0, 1/3, 2/3) / 2.
     assert weights == pytest.approx([0.0, 1 / 3, 2 / 3])
@@ -154,7 +160,7 @@ def test_kl_warmup_ramps_the_training_objective(make_cfg, tmp_path):
 
 def test_training_logs_step_values_and_their_epoch_mean(make_cfg, tmp_path):
     train(make_cfg("model=vae", "logger=csv", "trainer.log_every_n_steps=1"))
-    rows = list(csv.DictReader((tmp_path / "run" / "csv" / "metrics.csv").open()))
+    rows = csv_rows(tmp_path / "run")
     steps = [float(r["train/loss_step"]) for r in rows if r.get("train/loss_step")]
     (epoch,) = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
     assert len(steps) == 3  # every step (log_every_n_steps=1), all batches of 128

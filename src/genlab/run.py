@@ -87,13 +87,12 @@ def resume_checkpoint(
 
 
 def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as one dict with dotted keys (``model.net.activation``)."""
     if not isinstance(node, dict):
         return {prefix: node}
     flat: dict[str, Any] = {}
     for key, value in node.items():
-        flat.update(
-            _flatten(value, f"{prefix}{key}." if isinstance(value, dict) else f"{prefix}{key}")
-        )
+        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else key))
     return flat
 
 
