@@ -39,6 +39,7 @@ FAST = [
     "trainer.enable_model_summary=false",
     "trainer.enable_progress_bar=false",
     "data.eval_batch_size=256",
+    "callbacks.images.latent_points=500",
 ]
 
 

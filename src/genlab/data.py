@@ -22,6 +22,11 @@ from torchvision import datasets
 from genlab.errors import GenlabError, check_choice
 
 DATASETS = {"mnist": datasets.MNIST, "fashion_mnist": datasets.FashionMNIST}
+# Names of the ten classes, by label, as plots show them.
+CLASS_NAMES = {
+    "mnist": [str(digit) for digit in range(10)],
+    "fashion_mnist": list(datasets.FashionMNIST.classes),
+}
 BINARIZE = ("none", "dynamic", "static")
 # Fixed seed of the one Bernoulli sample used for static binarisation and for
 # evaluating dynamically binarised runs, so every run sees the same binary data.
@@ -159,6 +164,11 @@ class ImageDataModule(pl.LightningDataModule):
         self.split_seed = split_seed
         self.splits: dict[str, tuple[Tensor, Tensor]] = {}
         self._decoded: dict[bool, tuple[Tensor, Tensor]] = {}
+
+    @property
+    def class_names(self) -> list[str]:
+        """The name of each label, e.g. ``"Trouser"`` for Fashion-MNIST's label 1."""
+        return CLASS_NAMES[self.dataset]
 
     # -- finding and decoding the files -------------------------------------------------------
 

@@ -18,6 +18,9 @@ from genlab.models.nets import MLP, Conv
 class AE(GenerativeModel):
     """Autoencoder. Logs ``*/loss`` and ``*/recon`` (equal: -log p(x|z) in nats per image)."""
 
+    visuals = ("recon", "samples", "latent", "manifold", "traversals")
+    fitted_prior = True  # an AE has no prior: codes to decode come from its training codes
+
     def __init__(
         self,
         net: MLP | Conv,
@@ -35,7 +38,13 @@ class AE(GenerativeModel):
 
     def forward(self, x: Tensor) -> Tensor:
         """Reconstructions of ``x`` (pixel means in [0, 1])."""
-        return torch.sigmoid(self.decoder(self.encoder(x)))
+        return self.decode(self.embed(x))
+
+    def embed(self, x: Tensor) -> Tensor:
+        return self.encoder(x)
+
+    def decode(self, z: Tensor) -> Tensor:
+        return torch.sigmoid(self.decoder(z))
 
     def step(self, batch: tuple[Tensor, Tensor], batch_idx: int, split: str) -> dict[str, Tensor]:
         x, _ = batch

@@ -55,6 +55,11 @@ class GenerativeModel(pl.LightningModule):
     """
 
     prog_bar_metrics: tuple[str, ...] = ("loss",)
+    # The pictures `genlab.callbacks.ImageLogger` draws of this family (see its VISUALS).
+    visuals: tuple[str, ...] = ()
+    # Where decoded codes come from: N(0, I), the prior (False), or for a family
+    # without a prior, a Gaussian fitted to the codes of training images (True).
+    fitted_prior: bool = False
 
     def __init__(self, optimizer: OptimizerFactory):
         super().__init__()
@@ -62,6 +67,18 @@ class GenerativeModel(pl.LightningModule):
         # Set by genlab.train to the run's resolved config; stored in every
         # checkpoint so a checkpoint alone is enough to rebuild the model.
         self.run_config: dict[str, Any] | None = None
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Images (pixel means in [0, 1]) decoded or generated from latent codes ``z``."""
+        raise NotImplementedError
+
+    def embed(self, x: Tensor) -> Tensor:
+        """Latent codes of images ``x`` (families that encode)."""
+        raise NotImplementedError
+
+    def rank_latent_dims(self, x: Tensor) -> Tensor:
+        """The latent dims in order of how much they carry about ``x``; by default as numbered."""
+        return torch.arange(self.hparams.latent_dim)
 
     def step(self, batch: tuple[Tensor, Tensor], batch_idx: int, split: str) -> dict[str, Tensor]:
         raise NotImplementedError

@@ -28,6 +28,7 @@ class GAN(GenerativeModel):
     """
 
     prog_bar_metrics = ("d_loss", "g_loss")
+    visuals = ("samples", "interpolation")
 
     def __init__(self, net: MLP | Conv, optimizer: OptimizerFactory, latent_dim: int = 64):
         super().__init__(optimizer)
@@ -39,6 +40,9 @@ class GAN(GenerativeModel):
 
     def forward(self, z: Tensor) -> Tensor:
         """Images (pixel values in [0, 1]) generated from latent codes ``z``."""
+        return self.decode(z)
+
+    def decode(self, z: Tensor) -> Tensor:
         return torch.sigmoid(self.generator(z))
 
     @torch.no_grad()

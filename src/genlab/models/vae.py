@@ -20,9 +20,16 @@ from genlab.models.base import (
 from genlab.models.nets import MLP, Conv
 
 
+def kl_to_standard_normal(mu: Tensor, logvar: Tensor) -> Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, 1)) for every example and latent dim, in nats."""
+    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)
+
+
 class VAE(GenerativeModel):
     """Logs ``*/loss``, ``*/neg_elbo``, ``*/recon`` and ``*/kl``: sums over pixels and
     latent dims, averaged over examples, in nats."""
+
+    visuals = ("recon", "samples", "latent", "manifold", "traversals", "interpolation")
 
     def __init__(
         self,
@@ -50,13 +57,23 @@ class VAE(GenerativeModel):
 
     def forward(self, x: Tensor) -> Tensor:
         """Reconstructions of ``x`` (pixel means in [0, 1]) decoded from the posterior mean."""
-        return torch.sigmoid(self.decoder(self.encode(x)[0]))
+        return self.decode(self.embed(x))
+
+    def embed(self, x: Tensor) -> Tensor:
+        """Posterior means."""
+        return self.encode(x)[0]
+
+    def decode(self, z: Tensor) -> Tensor:
+        return torch.sigmoid(self.decoder(z))
 
     @torch.no_grad()
     def sample(self, n: int) -> Tensor:
         """``n`` images (pixel means in [0, 1]) decoded from prior samples."""
-        z = torch.randn(n, self.latent_dim, device=self.device)
-        return torch.sigmoid(self.decoder(z))
+        return self.decode(torch.randn(n, self.latent_dim, device=self.device))
+
+    def rank_latent_dims(self, x: Tensor) -> Tensor:
+        """Latent dims by their mean KL on ``x``, largest first: the dims the model uses."""
+        return kl_to_standard_normal(*self.encode(x)).mean(0).argsort(descending=True)
 
     def kl_weight(self, epochs_done: float) -> float:
         """beta, ramped linearly from 0 over the first ``kl_warmup_epochs`` epochs of training."""
@@ -72,7 +89,7 @@ class VAE(GenerativeModel):
         logits = self.decoder(mu + std * eps)
 
         recon = reconstruction_nll(logits, x, self.recon_loss).mean()
-        kl = 0.5 * (mu.pow(2) + std.pow(2) - 1.0 - logvar).sum(1).mean()
+        kl = kl_to_standard_normal(mu, logvar).sum(1).mean()
         metrics = {"neg_elbo": recon + kl, "recon": recon, "kl": kl}
         # Validation and test use the target beta so that val/loss compares
         # epochs on one scale (and picks the best checkpoint) during warm-up.

@@ -1,0 +1,321 @@
+"""genlab's Lightning callbacks: pictures of the model during training, and the
+HParams table entry of a finished run."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from PIL import Image
+from pytorch_lightning.loggers import TensorBoardLogger
+from tensorboard.compat.proto.summary_pb2 import Summary
+from torch import Tensor
+from torch.utils.tensorboard.summary import hparams
+
+from genlab import visuals
+from genlab.errors import GenlabError
+from genlab.models.base import GenerativeModel
+
+# Every picture a family may declare in its ``visuals``. manifold needs a 2-D latent
+# space and traversals more than two dims; the others apply to any family declaring them.
+VISUALS = ("recon", "samples", "latent", "manifold", "traversals", "interpolation")
+# The fixed noise behind samples and interpolations, so that epochs show the same codes.
+_NOISE_SEED = 0
+_SAMPLES_PER_ROW = 8
+# Held-out images over which a VAE ranks its latent dims by KL for the traversals.
+_RANKING_POINTS = 1000
+# Encoding in chunks bounds the memory a conv encoder needs for a whole split.
+_EMBED_CHUNK = 1000
+
+
+def _tensorboard_writers(trainer: pl.Trainer) -> list[Any]:
+    return [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+
+
+class ImageLogger(pl.Callback):
+    """Draws the pictures a model family declares (``model.visuals``) every
+    ``every_n_epochs`` epochs and at the end of fit, into TensorBoard (Images
+    tab, at the global step) and as PNG files ``<dirpath>/<tag>_epoch<NNN>.png``
+    (NNN counts from 0, as checkpoint names do) and ``<tag>_final.png``. At the
+    end of fit it also hands the codes of test images to TensorBoard's Projector.
+
+    Codes are decoded in standard units: for families with a prior (VAE, GAN)
+    they are prior codes; for an AE, whose code scale is arbitrary, a unit is
+    one standard deviation of a diagonal Gaussian fitted to its training codes,
+    and its samples are tagged ``samples_fitted_gaussian``.
+    """
+
+    def __init__(
+        self,
+        dirpath: str | Path,
+        every_n_epochs: int = 1,
+        num_recon: int = 16,
+        num_samples: int = 64,
+        latent_points: int | None = None,
+        manifold_size: int = 15,
+        latent_range: float = 3.0,
+        traversal_steps: int = 11,
+        max_traversal_dims: int = 10,
+        interpolation_pairs: int = 8,
+        interpolation_steps: int = 10,
+        fit_points: int = 10000,
+        projector_points: int = 2000,
+    ):
+        counts = {
+            "num_recon": num_recon,
+            "num_samples": num_samples,
+            "manifold_size": manifold_size,
+            "traversal_steps": traversal_steps,
+            "max_traversal_dims": max_traversal_dims,
+            "interpolation_pairs": interpolation_pairs,
+            "interpolation_steps": interpolation_steps,
+            "fit_points": fit_points,
+        }
+        for name, value in counts.items():
+            if value < 1:
+                raise GenlabError(f"callbacks.images.{name}={value} must be at least 1.")
+        if every_n_epochs < 0:
+            raise GenlabError(
+                f"callbacks.images.every_n_epochs={every_n_epochs} must be 0 "
+                "(pictures at the end of fit only) or a positive number of epochs."
+            )
+        if projector_points < 0:
+            raise GenlabError(
+                f"callbacks.images.projector_points={projector_points} must be 0 (no Projector "
+                "data) or a positive number of test images."
+            )
+        if latent_range <= 0:
+            raise GenlabError(f"callbacks.images.latent_range={latent_range} must be positive.")
+        self.dirpath = Path(dirpath)
+        self.every_n_epochs = every_n_epochs
+        self.num_recon = num_recon
+        self.num_samples = num_samples
+        self.latent_points = latent_points
+        self.manifold_size = manifold_size
+        self.latent_range = latent_range
+        self.traversal_steps = traversal_steps
+        self.max_traversal_dims = max_traversal_dims
+        self.interpolation_pairs = interpolation_pairs
+        self.interpolation_steps = interpolation_steps
+        self.fit_points = fit_points
+        self.projector_points = projector_points
+        self._last_drawn: tuple[int, dict[str, Tensor]] | None = None
+
+    # -- Lightning hooks ----------------------------------------------------------------------
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and "latent" in getattr(pl_module, "visuals", ()):
+            trainer.datamodule.setup("test")  # the scatter shows the test set's codes
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not isinstance(pl_module, GenerativeModel):
+            raise GenlabError(
+                f"callbacks.images draws genlab models only, not {type(pl_module).__name__}; "
+                "disable it with callbacks.images=null."
+            )
+        unknown = set(pl_module.visuals) - set(VISUALS)
+        if unknown:
+            raise GenlabError(
+                f"{type(pl_module).__name__}.visuals names {sorted(unknown)}, which "
+                f"ImageLogger does not draw; it draws {', '.join(VISUALS)}."
+            )
+        self._last_drawn = None
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        n = self.every_n_epochs
+        if n and (trainer.current_epoch + 1) % n == 0 and trainer.is_global_zero:
+            images = self.draw(trainer, pl_module)
+            self._publish(trainer, images, f"epoch{trainer.current_epoch:03d}")
+            self._last_drawn = (trainer.global_step, images)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        if self._last_drawn is not None and self._last_drawn[0] == trainer.global_step:
+            images = self._last_drawn[1]  # the last epoch's pictures already show the final weights
+            self._write_pngs(images, "final")
+        else:
+            images = self.draw(trainer, pl_module)
+            self._publish(trainer, images, "final")
+        if self.projector_points and "latent" in pl_module.visuals:
+            self._add_embedding(trainer, pl_module)
+
+    # -- drawing --------------------------------------------------------------------------------
+
+    def draw(self, trainer: pl.Trainer, model: GenerativeModel) -> dict[str, Tensor]:
+        """Every picture ``model`` declares that fits its latent size, by TensorBoard tag."""
+        with _evaluating(model):
+            return self._draw(trainer.datamodule, model)
+
+    def _draw(self, datamodule: Any, model: GenerativeModel) -> dict[str, Tensor]:
+        splits = datamodule.splits
+        latent_dim, device = model.hparams.latent_dim, model.device
+        declared = set(model.visuals)
+        held_out = _held_out_images(splits)
+        noise = torch.randn(
+            self.num_samples + 2 * self.interpolation_pairs,
+            latent_dim,
+            generator=torch.Generator().manual_seed(_NOISE_SEED),
+        ).to(device)
+        mean, std = torch.zeros(latent_dim, device=device), torch.ones(latent_dim, device=device)
+        if model.fitted_prior:
+            codes = _embed(model, splits["train"][0][: self.fit_points])
+            mean, std = codes.mean(0), codes.std(0)
+
+        def decode(units: Tensor) -> Tensor:
+            return model.decode(mean + std * units.to(device))
+
+        images: dict[str, Tensor] = {}
+        if "recon" in declared:
+            originals = held_out[: self.num_recon]
+            images["recon"] = visuals.recon_grid(originals, model(originals))
+        if "samples" in declared:
+            tag = "samples_fitted_gaussian" if model.fitted_prior else "samples"
+            images[tag] = visuals.grid(decode(noise[: self.num_samples]), _SAMPLES_PER_ROW)
+        if "latent" in declared:
+            test_images, labels = splits["test"]
+            end = self.latent_points
+            images["latent"] = visuals.latent_scatter(
+                _embed(model, test_images[:end]),
+                labels[:end],
+                datamodule.class_names,
+                f"{type(model).__name__} codes of {len(labels[:end])} test images",
+            )
+        if "manifold" in declared and latent_dim == 2:
+            codes = visuals.manifold_codes(self.manifold_size, self.latent_range)
+            images["manifold"] = visuals.grid(decode(codes), self.manifold_size)
+        if "traversals" in declared and latent_dim > 2:
+            ranked = model.rank_latent_dims(held_out[:_RANKING_POINTS])
+            dims = ranked[: self.max_traversal_dims].tolist()
+            codes = visuals.traversal_codes(
+                torch.zeros(latent_dim), dims, self.traversal_steps, self.latent_range
+            )
+            images["traversals"] = visuals.grid(decode(codes), self.traversal_steps)
+        if "interpolation" in declared:
+            starts, ends = noise[self.num_samples :].chunk(2)
+            codes = visuals.interpolation_codes(starts, ends, self.interpolation_steps)
+            images["interpolation"] = visuals.grid(decode(codes), self.interpolation_steps)
+        return images
+
+    # -- writing ----------------------------------------------------------------------------------
+
+    def _publish(self, trainer: pl.Trainer, images: dict[str, Tensor], suffix: str) -> None:
+        writers = _tensorboard_writers(trainer)
+        for tag, png in self._write_pngs(images, suffix).items():
+            # The PNG just written goes to TensorBoard as it is: add_image would encode it again.
+            _, height, width = images[tag].shape
+            encoded = Summary.Image(
+                height=height, width=width, colorspace=3, encoded_image_string=png
+            )
+            summary = Summary(value=[Summary.Value(tag=tag, image=encoded)])
+            for writer in writers:
+                writer._get_file_writer().add_summary(summary, trainer.global_step)
+
+    def _write_pngs(self, images: dict[str, Tensor], suffix: str) -> dict[str, bytes]:
+        """Write ``<tag>_<suffix>.png`` for every image; returns the encoded files by tag."""
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        encoded = {}
+        for tag, image in images.items():
+            encoded[tag] = _png(image)
+            (self.dirpath / f"{tag}_{suffix}.png").write_bytes(encoded[tag])
+        return encoded
+
+    def _add_embedding(self, trainer: pl.Trainer, model: GenerativeModel) -> None:
+        """Test-set codes for TensorBoard's Projector, labelled by class name, with the images."""
+        writers = _tensorboard_writers(trainer)
+        if not writers:
+            return
+        images, labels = trainer.datamodule.splits["test"]
+        # Its image sprite takes seconds to write for the whole test set, hence a subset.
+        images, labels = images[: self.projector_points], labels[: self.projector_points]
+        with _evaluating(model):
+            codes = _embed(model, images).cpu()
+        names = trainer.datamodule.class_names
+        for writer in writers:
+            writer.add_embedding(
+                codes,
+                metadata=[names[i] for i in labels.tolist()],
+                label_img=images.cpu(),
+                global_step=trainer.global_step,
+                tag="latent",
+            )
+
+
+@contextlib.contextmanager
+def _evaluating(model: GenerativeModel) -> Iterator[None]:
+    """Eval mode and no gradients for a while, then back to how the model was."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _held_out_images(splits: dict[str, tuple[Tensor, Tensor]]) -> Tensor:
+    """Validation images, or test images when a run has no validation split; the same every epoch."""
+    images = splits["val"][0]
+    return images if len(images) else splits["test"][0]
+
+
+def _png(image: Tensor) -> bytes:
+    """A uint8 (3, H, W) image as PNG file contents."""
+    buffer = io.BytesIO()
+    # Level 1: these flat grids barely shrink further, and level 6 takes twice as long.
+    Image.fromarray(image.permute(1, 2, 0).numpy()).save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def _embed(model: GenerativeModel, images: Tensor) -> Tensor:
+    return torch.cat([model.embed(chunk) for chunk in images.split(_EMBED_CHUNK)])
+
+
+class HParamsLogger(pl.Callback):
+    """Puts a run in TensorBoard's HParams table: its main hyperparameters beside
+    the test metrics it ends with, so the runs of a sweep compare in one view."""
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        run_config = getattr(pl_module, "run_config", None)
+        writers = _tensorboard_writers(trainer)
+        metrics = {
+            name: float(value)
+            for name, value in trainer.callback_metrics.items()
+            if name.startswith("test/")
+        }
+        if not (run_config and writers and metrics and trainer.is_global_zero):
+            return
+        # The metric values are the test/ scalars trainer.test has just logged: the
+        # table refers to them by tag, so nothing is written twice.
+        summaries = hparams(table_hparams(run_config), metrics)
+        for writer in writers:
+            file_writer = writer._get_file_writer()
+            for summary in summaries:
+                file_writer.add_summary(summary, trainer.global_step)
+            writer.flush()
+
+
+def table_hparams(run_config: dict[str, Any]) -> dict[str, Any]:
+    """The options that tell runs apart, as HParams columns (numbers and strings only)."""
+    model, data = run_config["model"], run_config["data"]
+    net = model.get("net", {})
+    columns = {
+        "model": model["_target_"].rsplit(".", 1)[-1],
+        "net": f"{net.get('_target_', '').rsplit('.', 1)[-1]} {net.get('hidden_dims')}",
+        "activation": net.get("activation"),
+        "latent_dim": model.get("latent_dim"),
+        "beta": model.get("beta"),
+        "recon_loss": model.get("recon_loss"),
+        "lr": model.get("optimizer", {}).get("lr"),
+        "data": data.get("dataset"),
+        "binarize": data.get("binarize"),
+        "batch_size": data.get("batch_size"),
+        "max_epochs": run_config.get("trainer", {}).get("max_epochs"),
+        "seed": run_config.get("seed"),
+    }
+    return {name: value for name, value in columns.items() if value is not None}

@@ -1,0 +1,104 @@
+"""Pictures of a model: image grids, latent codes to decode, and the latent scatter.
+
+Pure functions from tensors to tensors: every picture comes back as a uint8
+(3, H, W) image ready for TensorBoard's ``add_image`` and for a PNG file.
+`genlab.callbacks.ImageLogger` decides when to draw them and where they go.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torchvision.utils import make_grid
+
+
+def grid(images: Tensor, nrow: int) -> Tensor:
+    """Images in [0, 1] of shape (N, 1, H, W) as one uint8 (3, H', W') grid, ``nrow`` per row."""
+    tiles = make_grid(images.detach().float().cpu().clamp(0, 1), nrow=nrow, pad_value=1.0)
+    return tiles.mul(255).round().to(torch.uint8)
+
+
+def recon_grid(originals: Tensor, reconstructions: Tensor) -> Tensor:
+    """Originals in the top row, their reconstructions below."""
+    return grid(torch.cat([originals, reconstructions]), nrow=len(originals))
+
+
+def manifold_codes(size: int, extent: float) -> Tensor:
+    """A ``size`` x ``size`` grid over [-extent, extent]^2 as (size^2, 2) codes, in reading order:
+    z1 grows to the right, z2 grows upwards."""
+    axis = torch.linspace(-extent, extent, size)
+    z2, z1 = torch.meshgrid(axis.flip(0), axis, indexing="ij")
+    return torch.stack([z1.flatten(), z2.flatten()], dim=1)
+
+
+def traversal_codes(base: Tensor, dims: list[int], steps: int, extent: float) -> Tensor:
+    """For each of ``dims``, ``steps`` copies of ``base`` whose value in that dim sweeps
+    [-extent, extent]: (len(dims) * steps, latent_dim), one row of the grid per dim."""
+    codes = base.expand(len(dims), steps, -1).clone()
+    values = torch.linspace(-extent, extent, steps, device=base.device)
+    for row, dim in enumerate(dims):
+        codes[row, :, dim] = values
+    return codes.flatten(0, 1)
+
+
+def interpolation_codes(starts: Tensor, ends: Tensor, steps: int) -> Tensor:
+    """Straight lines from each row of ``starts`` to the same row of ``ends``:
+    (pairs * steps, latent_dim), one row of the grid per pair."""
+    weights = torch.linspace(0, 1, steps, device=starts.device).view(1, steps, 1)
+    codes = starts.unsqueeze(1) * (1 - weights) + ends.unsqueeze(1) * weights
+    return codes.flatten(0, 1)
+
+
+def pca_2d(codes: Tensor) -> tuple[Tensor, float]:
+    """The codes projected on their first two principal axes, and the share of variance kept."""
+    centred = codes - codes.mean(0)
+    _, singular, v = torch.linalg.svd(centred, full_matrices=False)
+    variance = singular.pow(2)
+    return centred @ v[:2].T, float(variance[:2].sum() / variance.sum())
+
+
+def latent_scatter(codes: Tensor, labels: Tensor, class_names: list[str], title: str) -> Tensor:
+    """A scatter plot of 2-D (or, by PCA, higher-dimensional) codes coloured by class.
+
+    The title says when the axes are principal components rather than latent dims.
+    """
+    # Imported here: matplotlib costs a second of start-up that runs without images never pay.
+    import numpy as np
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    codes, labels = codes.detach().float().cpu(), labels.cpu().long()
+    if codes.size(1) > 2:
+        points, kept = pca_2d(codes)
+        title = f"{title}\nPCA of {codes.size(1)}-D codes ({kept:.0%} of variance)"
+        axis_names = ("PC 1", "PC 2")
+    elif codes.size(1) == 2:
+        points, axis_names = codes, ("z1", "z2")
+    else:  # one latent dim: spread the classes vertically so they stay apart
+        points = torch.stack([codes[:, 0], labels.float()], dim=1)
+        axis_names = ("z1", "class")
+
+    figure = Figure(figsize=(6.4, 5.6), dpi=100)
+    FigureCanvasAgg(figure)
+    # Fixed margins (room for the legend on the right): tight_layout would double the drawing time.
+    figure.subplots_adjust(left=0.11, right=0.78, bottom=0.09, top=0.9)
+    ax = figure.add_subplot()
+    palette = np.array(colormaps["tab10"].colors)  # ten classes, ten colours
+    colours = palette[labels.numpy() % len(palette)]
+    # One call in a fixed random order, so that no class is drawn over all the others.
+    order = torch.randperm(len(points), generator=torch.Generator().manual_seed(0)).numpy()
+    xy = points.numpy()[order]
+    ax.scatter(xy[:, 0], xy[:, 1], s=2, c=colours[order], linewidths=0)
+    handles = [
+        Line2D([], [], marker="o", linestyle="", color=palette[i % len(palette)], label=name)
+        for i, name in enumerate(class_names)
+    ]
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(axis_names[0])
+    ax.set_ylabel(axis_names[1])
+    ax.legend(handles=handles, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    figure.canvas.draw()
+    rgba = torch.from_numpy(np.asarray(figure.canvas.buffer_rgba()).copy())
+    return rgba[..., :3].permute(2, 0, 1).contiguous()
