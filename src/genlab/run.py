@@ -125,6 +125,16 @@ def write_metrics(path: Path, metrics: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def record_failure(output_dir: Path, err: BaseException) -> None:
+    """Say in the run's metrics.json that it failed and why, unless the run wrote one itself."""
+    path = output_dir / METRICS_FILE
+    if path.exists():
+        return
+    output_dir.mkdir(parents=True, exist_ok=True)
+    message = str(err) if isinstance(err, GenlabError) else f"{type(err).__name__}: {err}"
+    write_metrics(path, {"status": "failed", "error": " ".join(message.split())})
+
+
 def load_model(ckpt_path: str | os.PathLike, map_location: str = "cpu") -> GenerativeModel:
     """Rebuild a trained model from a genlab checkpoint (its run config travels inside it)."""
     checkpoint = torch.load(ckpt_path, map_location=map_location, weights_only=True)

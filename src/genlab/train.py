@@ -6,6 +6,7 @@ config -> seed -> data, model, logger, callbacks, trainer -> fit -> test -> metr
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 import warnings
@@ -14,13 +15,16 @@ from typing import Any
 
 import hydra
 import pytorch_lightning as pl
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ProgressBar
 
 from genlab import run
 from genlab.config import CONF_DIR
-from genlab.errors import user_errors
+from genlab.errors import find_user_error, user_errors
 
 log = logging.getLogger(__name__)
 
@@ -73,12 +77,42 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
+def _in_sweep() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    """Console entry point ``genlab-train``."""
+def main(cfg: DictConfig) -> float | None:
+    """Console entry point ``genlab-train``.
+
+    Returns the metrics.json entry named by ``objective`` (for sweepers that
+    optimise it, e.g. Optuna), NaN for a job that failed or does not report it.
+    """
     _quiet_third_party_noise()
-    with user_errors():
-        train(cfg)
+    log.info("torch CPU threads: %d", torch.get_num_threads())
+    if not _in_sweep():
+        with user_errors():
+            metrics = train(cfg)
+        return _objective(cfg, metrics)
+    # One failing job must not end a sweep (Hydra stops at the first job that
+    # raises): record the failure in the job's metrics.json and move on.
+    try:
+        metrics = train(cfg)
+    except Exception as err:
+        user_error = find_user_error(err)
+        if user_error is not None:
+            log.error("Job failed: %s", user_error)
+        else:
+            log.exception("Job failed")
+        run.record_failure(Path(cfg.paths.output_dir), user_error or err)
+        metrics = {}
+    return _objective(cfg, metrics)
+
+
+def _objective(cfg: DictConfig, metrics: dict[str, Any]) -> float | None:
+    if cfg.get("objective") is None:
+        return None
+    return float(metrics.get(cfg.objective, math.nan))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,363 @@
+"""genlab-report: one table and a few figures for a whole sweep.
+
+    genlab-report SWEEP_DIR
+
+Reads every job under SWEEP_DIR (each folder holding ``.hydra/overrides.yaml``),
+with its ``metrics.json`` when the job has finished, and writes into SWEEP_DIR:
+
+    summary.csv             one row per job: swept values, status, epochs, wall time, metrics
+    summary.md              the same table, the best finished job marked
+    rate_distortion.png     test KL against test reconstruction, one line per latent_dim (VAE)
+    metric_vs_latent_dim.png  test -ELBO (and NLL when evaluated) against latent_dim, one line per beta
+    latents_grid.png        every job's final latent scatter (or manifold), labelled
+
+Jobs without a metrics.json (still running, or killed) are listed as ``unfinished``. A
+multirun writes its report by itself when its last job ends (`SweepReport`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from genlab.errors import GenlabError, user_errors
+from genlab.run import METRICS_FILE
+
+log = logging.getLogger(__name__)
+
+SUMMARY_CSV, SUMMARY_MD = "summary.csv", "summary.md"
+RATE_DISTORTION = "rate_distortion.png"
+METRIC_VS_LATENT_DIM = "metric_vs_latent_dim.png"
+LATENTS_GRID = "latents_grid.png"
+# The metric that ranks jobs: the first of these that finished jobs report (lower is better).
+RANKING_METRICS = ("test/nll", "test/neg_elbo", "test/loss", "test/fid")
+# Pictures that show a job's latent space, in order of preference (see genlab.callbacks).
+_LATENT_PICTURES = ("latent_final.png", "manifold_final.png", "samples_final.png")
+
+
+@dataclass
+class Job:
+    """One job of a sweep: where it ran, what it overrode, and what it reported."""
+
+    folder: Path
+    overrides: dict[str, str]
+    config: dict[str, Any]
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def status(self) -> str:
+        return self.metrics.get("status", "unfinished")  # running, or killed before it could say
+
+    def option(self, key: str) -> Any:
+        """A config value by dotted key (``model.latent_dim``), or None."""
+        node: Any = self.config
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return None
+            node = node[part]
+        return node
+
+
+def find_jobs(sweep_dir: Path) -> list[Job]:
+    """Every job folder under ``sweep_dir``, in order of their job numbers (folder names)."""
+    jobs = []
+    for overrides_file in sorted(sweep_dir.glob("**/.hydra/overrides.yaml"), key=_job_order):
+        folder = overrides_file.parent.parent
+        overrides = {}
+        for item in yaml.safe_load(overrides_file.read_text()) or []:
+            key, _, value = item.partition("=")
+            overrides[key.lstrip("+~")] = value
+        config_file = folder / ".hydra" / "config.yaml"
+        config = yaml.safe_load(config_file.read_text()) if config_file.is_file() else {}
+        metrics_file = folder / METRICS_FILE
+        metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+        jobs.append(Job(folder, overrides, config or {}, metrics))
+    return jobs
+
+
+def _job_order(overrides_file: Path) -> tuple[int, str]:
+    name = overrides_file.parent.parent.name
+    return (int(name), "") if name.isdigit() else (sys.maxsize, str(overrides_file))
+
+
+def swept_keys(jobs: list[Job]) -> list[str]:
+    """The overrides whose values differ between jobs: what the sweep varied."""
+    keys = sorted({key for job in jobs for key in job.overrides})
+    return [key for key in keys if len({job.overrides.get(key) for job in jobs}) > 1]
+
+
+def ranking_metric(jobs: list[Job]) -> str | None:
+    finished = [job for job in jobs if job.status == "completed"]
+    for name in RANKING_METRICS:
+        if any(_number(job.metrics.get(name)) is not None for job in finished):
+            return name
+    return None
+
+
+def best_job(jobs: list[Job], metric: str | None) -> Job | None:
+    scored = [
+        (value, job)
+        for job in jobs
+        if job.status == "completed" and (value := _number(job.metrics.get(metric))) is not None
+    ]
+    return min(scored, key=lambda pair: pair[0])[1] if scored else None
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
+
+
+def summary_rows(jobs: list[Job], sweep_dir: Path) -> tuple[list[str], list[dict[str, Any]]]:
+    """The columns and rows of the summary table, one row per job."""
+    keys = swept_keys(jobs)
+    best = best_job(jobs, ranking_metric(jobs))
+    metric_names = sorted(
+        {name for job in jobs for name in job.metrics if name.startswith(("val/", "test/"))}
+    )
+    columns = ["job", *keys, "status", "epochs", "wall_time_s", *metric_names, "best", "error"]
+    rows = []
+    for job in jobs:
+        row: dict[str, Any] = {
+            "job": str(job.folder.relative_to(sweep_dir)),
+            **{key: job.overrides.get(key, "") for key in keys},
+            "status": job.status,
+            "epochs": job.metrics.get("epochs", ""),
+            "wall_time_s": job.metrics.get("wall_time_s", ""),
+            **{name: job.metrics.get(name, "") for name in metric_names},
+            "best": job is best,
+            "error": job.metrics.get("error", ""),
+        }
+        rows.append(row)
+    return columns, rows
+
+
+def write_tables(jobs: list[Job], sweep_dir: Path) -> None:
+    columns, rows = summary_rows(jobs, sweep_dir)
+    with (sweep_dir / SUMMARY_CSV).open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+    metric = ranking_metric(jobs)
+    shown = [c for c in columns if c not in ("best", "error")]
+    lines = [
+        f"# Sweep {sweep_dir.name}",
+        "",
+        f"{len(jobs)} jobs: "
+        + ", ".join(f"{sum(r['status'] == s for r in rows)} {s}" for s in _statuses(rows))
+        + ".",
+        f"Best (lowest {metric}, marked **best**) among finished jobs."
+        if metric
+        else "No finished job reports a test metric yet.",
+        "",
+        "| " + " | ".join(shown) + " |",
+        "|" + "---|" * len(shown),
+    ]
+    for row in rows:
+        cells = [_cell(row[c]) for c in shown]
+        if row["best"]:
+            cells[0] = f"**best** {cells[0]}"
+        lines.append("| " + " | ".join(cells) + " |")
+    failed = [r for r in rows if r["error"]]
+    if failed:
+        lines += ["", "Errors:", ""]
+        lines += [f"- `{r['job']}`: {r['error']}" for r in failed]
+    (sweep_dir / SUMMARY_MD).write_text("\n".join(lines) + "\n")
+
+
+def _statuses(rows: list[dict[str, Any]]) -> list[str]:
+    return sorted({row["status"] for row in rows})
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value).replace("|", "\\|")
+
+
+def _figure(width: float, height: float) -> Any:
+    # Imported here: the tables need no matplotlib, and it costs a second to import.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _short(job: Job, keys: list[str]) -> str:
+    """A job's swept values, short enough for a plot label: latent_dim=2 beta=0.5."""
+    return " ".join(f"{key.rsplit('.', 1)[-1]}={job.overrides.get(key, '')}" for key in keys)
+
+
+def plot_rate_distortion(jobs: list[Job], path: Path) -> bool:
+    """KL (rate) against reconstruction (distortion), one line per latent_dim, points labelled by beta."""
+    points = [
+        (job.option("model.latent_dim"), job.option("model.beta"), kl, recon)
+        for job in jobs
+        if (kl := _number(job.metrics.get("test/kl"))) is not None
+        and (recon := _number(job.metrics.get("test/recon"))) is not None
+    ]
+    if not points:
+        return False
+    figure = _figure(7, 5)
+    ax = figure.add_subplot()
+    for latent_dim in sorted({p[0] for p in points}, key=lambda d: (d is None, d)):
+        line = sorted((p for p in points if p[0] == latent_dim), key=lambda p: p[1] or 0)
+        ax.plot([p[2] for p in line], [p[3] for p in line], "o-", label=f"latent_dim={latent_dim}")
+        for _, beta, kl, recon in line:
+            ax.annotate(
+                f"β={beta:g}" if beta is not None else "",
+                (kl, recon),
+                fontsize=7,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
+    ax.set_xlabel("rate: test KL(q(z|x) || p(z)) (nats)")
+    ax.set_ylabel("distortion: test -log p(x|z) (nats)")
+    ax.set_title("Rate against distortion on the test set (points labelled by beta)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    figure.savefig(path)
+    return True
+
+
+def plot_metric_vs_latent_dim(jobs: list[Job], path: Path) -> bool:
+    """Test -ELBO (solid) and NLL (dashed, when evaluated) against latent_dim, one line per beta."""
+    rows = [
+        (job.option("model.beta"), latent_dim, job.metrics)
+        for job in jobs
+        if isinstance(latent_dim := job.option("model.latent_dim"), int)
+        and _number(job.metrics.get("test/neg_elbo")) is not None
+    ]
+    if not rows:
+        return False
+    figure = _figure(7, 5)
+    ax = figure.add_subplot()
+    for beta in sorted({r[0] for r in rows}, key=lambda b: (b is None, b)):
+        line = sorted((r for r in rows if r[0] == beta), key=lambda r: r[1])
+        dims = [r[1] for r in line]
+        (drawn,) = ax.plot(
+            dims, [r[2]["test/neg_elbo"] for r in line], "o-", label=f"β={beta} -ELBO"
+        )
+        nll = [_number(r[2].get("test/nll")) for r in line]
+        if all(v is not None for v in nll):
+            ax.plot(dims, nll, "s--", color=drawn.get_color(), label=f"β={beta} NLL")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(
+        sorted({r[1] for r in rows}), labels=[str(d) for d in sorted({r[1] for r in rows})]
+    )
+    ax.set_xlabel("latent_dim")
+    ax.set_ylabel("test nats per image (lower is better)")
+    ax.set_title("Test -ELBO against latent size")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    figure.savefig(path)
+    return True
+
+
+def plot_latents_grid(jobs: list[Job], path: Path) -> bool:
+    """Every job's final latent scatter (or manifold, or samples) side by side."""
+    from PIL import Image
+
+    keys = swept_keys(jobs)
+    pictures = []
+    for job in jobs:
+        found = next(
+            (
+                job.folder / "images" / name
+                for name in _LATENT_PICTURES
+                if (job.folder / "images" / name).is_file()
+            ),
+            None,
+        )
+        if found is not None:
+            pictures.append((_short(job, keys) or job.folder.name, found))
+    if not pictures:
+        return False
+    cols = math.ceil(math.sqrt(len(pictures)))
+    rows = math.ceil(len(pictures) / cols)
+    figure = _figure(3.2 * cols, 3.0 * rows)
+    for index, (label, picture) in enumerate(pictures):
+        ax = figure.add_subplot(rows, cols, index + 1)
+        with Image.open(picture) as image:
+            ax.imshow(image.convert("RGB"))
+        ax.set_title(label, fontsize=8)
+        ax.axis("off")
+    figure.tight_layout()
+    figure.savefig(path)
+    return True
+
+
+def write_report(sweep_dir: Path) -> list[Path]:
+    """Write the tables and figures of the sweep in ``sweep_dir``; returns the files written."""
+    if not sweep_dir.is_dir():
+        raise GenlabError(
+            f"{str(sweep_dir)!r} is not a folder; pass a sweep folder "
+            "(outputs/multirun/<date>/<time>)."
+        )
+    jobs = find_jobs(sweep_dir)
+    if not jobs:
+        raise GenlabError(
+            f"{str(sweep_dir)!r} holds no jobs (no <job>/.hydra/overrides.yaml below it); pass "
+            "the folder a multirun wrote, e.g. outputs/multirun/<date>/<time>."
+        )
+    write_tables(jobs, sweep_dir)
+    written = [sweep_dir / SUMMARY_CSV, sweep_dir / SUMMARY_MD]
+    for plot, name in (
+        (plot_rate_distortion, RATE_DISTORTION),
+        (plot_metric_vs_latent_dim, METRIC_VS_LATENT_DIM),
+        (plot_latents_grid, LATENTS_GRID),
+    ):
+        if plot(jobs, sweep_dir / name):
+            written.append(sweep_dir / name)
+    return written
+
+
+class SweepReport(Callback):
+    """Hydra callback: writes the report when a multirun ends and says where it is."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        try:
+            written = write_report(sweep_dir)
+        except GenlabError as err:
+            log.warning("No sweep report: %s", err)
+            return
+        jobs = find_jobs(sweep_dir)
+        unfinished = [job for job in jobs if job.status != "completed"]
+        log.info("Sweep report: %s (%d files)", written[1], len(written))
+        if unfinished:
+            log.warning(
+                "%d of %d jobs did not complete: %s",
+                len(unfinished),
+                len(jobs),
+                ", ".join(f"{job.folder.name} ({job.status})" for job in unfinished),
+            )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point ``genlab-report``."""
+    parser = argparse.ArgumentParser(
+        prog="genlab-report", description="Summarise a sweep: tables and figures in its folder."
+    )
+    parser.add_argument("sweep_dir", type=Path, help="the folder a multirun wrote")
+    args = parser.parse_args(argv)
+    with user_errors():
+        for path in write_report(args.sweep_dir):
+            print(path)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

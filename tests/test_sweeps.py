@@ -1,0 +1,211 @@
+"""Sweeps: multiruns through Hydra's launchers, presets, failing jobs, and genlab-report."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+from PIL import Image
+
+from genlab import report
+from genlab.config import CONF_DIR
+from test_cli import genlab_train
+
+TINY = [
+    "model=vae",
+    "trainer.max_epochs=1",
+    "++trainer.limit_train_batches=5",
+    "++trainer.limit_val_batches=1",
+    "++trainer.limit_test_batches=1",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "callbacks.images.latent_points=300",
+    "callbacks.images.projector_points=0",
+]
+
+
+def read_csv(path) -> list[dict[str, str]]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def make_job(sweep_dir, folder, overrides, metrics=None, picture=None) -> None:
+    """A job folder as a multirun leaves it."""
+    job = sweep_dir / folder
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    values = dict(item.split("=") for item in overrides)
+    config = {
+        "model": {
+            "latent_dim": int(values["model.latent_dim"]),
+            "beta": float(values["model.beta"]),
+        }
+    }
+    (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    if metrics is not None:
+        (job / "metrics.json").write_text(json.dumps(metrics))
+    if picture is not None:
+        (job / "images").mkdir()
+        Image.new("RGB", (64, 48), picture).save(job / "images" / "latent_final.png")
+
+
+def vae_metrics(recon: float, kl: float) -> dict:
+    return {
+        "status": "completed",
+        "epochs": 3,
+        "wall_time_s": 12.5,
+        "test/recon": recon,
+        "test/kl": kl,
+        "test/neg_elbo": recon + kl,
+        "val/loss": recon + kl + 1,
+    }
+
+
+def test_the_report_of_a_partly_failed_and_still_running_sweep(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    common = ["trainer.max_epochs=3"]
+    make_job(
+        sweep, "0", [*common, "model.latent_dim=2", "model.beta=1"], vae_metrics(150, 6), "red"
+    )
+    make_job(
+        sweep, "1", [*common, "model.latent_dim=8", "model.beta=1"], vae_metrics(100, 20), "blue"
+    )
+    make_job(
+        sweep,
+        "2",
+        [*common, "model.latent_dim=2", "model.beta=4"],
+        {"status": "failed", "error": "model.net.activation='bogus' is not a valid choice"},
+    )
+    make_job(sweep, "10", [*common, "model.latent_dim=8", "model.beta=4"])  # no metrics yet
+
+    report.main([str(sweep)])
+
+    rows = read_csv(sweep / "summary.csv")
+    assert [r["job"] for r in rows] == ["0", "1", "2", "10"]  # by job number, not as text
+    assert [r["status"] for r in rows] == ["completed", "completed", "failed", "unfinished"]
+    # The swept values get columns; an override every job shares does not.
+    assert {"model.latent_dim", "model.beta"} <= rows[0].keys()
+    assert "trainer.max_epochs" not in rows[0]
+    assert [r["best"] for r in rows] == ["False", "True", "False", "False"]  # lowest -ELBO: 120
+    assert float(rows[1]["test/neg_elbo"]) == 120 and rows[3]["test/neg_elbo"] == ""
+
+    markdown = (sweep / "summary.md").read_text()
+    assert "4 jobs: 2 completed, 1 failed, 1 unfinished." in markdown
+    assert "| **best** 1 | 1 | 8 | completed |" in markdown
+    assert "`2`: model.net.activation='bogus' is not a valid choice" in markdown
+
+    for figure in (report.RATE_DISTORTION, report.METRIC_VS_LATENT_DIM, report.LATENTS_GRID):
+        with Image.open(sweep / figure) as image:
+            assert image.width > 300 and image.height > 200
+    assert str(sweep / "summary.md") in capsys.readouterr().out
+
+
+def test_the_report_of_a_folder_without_jobs_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        report.main([str(tmp_path)])
+    assert exit_info.value.code == 1
+    assert "holds no jobs" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        report.main([str(tmp_path / "missing")])
+    assert "is not a folder" in capsys.readouterr().err
+
+
+def test_a_sweep_goes_on_past_a_failing_job_and_reports_itself(data_dir, tmp_path):
+    sweep = tmp_path / "sweep"
+    result = genlab_train(
+        "-m",
+        *TINY,
+        "model.latent_dim=2",
+        "model.net.activation=relu,bogus",
+        f"hydra.sweep.dir={sweep}",
+        data_dir=data_dir,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    done, failed = (json.loads((sweep / job / "metrics.json").read_text()) for job in "01")
+    assert done["status"] == "completed" and "test/neg_elbo" in done
+    assert failed["status"] == "failed" and "'bogus'" in failed["error"]
+    console = result.stdout + result.stderr
+    assert "Traceback" not in console and "Job failed: model.net.activation='bogus'" in console
+
+    # The report was written when the sweep ended, and the log says where.
+    assert f"Sweep report: {sweep / 'summary.md'}" in console
+    rows = read_csv(sweep / "summary.csv")
+    assert [(r["model.net.activation"], r["status"]) for r in rows] == [
+        ("relu", "completed"),
+        ("bogus", "failed"),
+    ]
+    assert (sweep / report.RATE_DISTORTION).is_file() and (sweep / report.LATENTS_GRID).is_file()
+
+
+@pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
+def test_parallel_and_cluster_launchers_run_every_job(data_dir, tmp_path, launcher):
+    sweep = tmp_path / "sweep"
+    result = genlab_train(
+        "-m",
+        f"hydra/launcher={launcher}",
+        *TINY,
+        "model.latent_dim=2,3",
+        f"hydra.sweep.dir={sweep}",
+        data_dir=data_dir,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for job in "01":
+        metrics = json.loads((sweep / job / "metrics.json").read_text())
+        assert metrics["status"] == "completed"
+    assert (sweep / "summary.md").is_file()
+    if launcher == "joblib":
+        # Two jobs at once share the cores instead of each taking them all.
+        log_text = (sweep / "0" / "train.log").read_text()
+        threads = int(re.search(r"torch CPU threads: (\d+)", log_text).group(1))
+        assert threads * 2 <= max(2, os.cpu_count())
+
+
+def test_optuna_minimises_the_objective_the_jobs_report(data_dir, tmp_path):
+    sweep = tmp_path / "sweep"
+    result = genlab_train(
+        "-m",
+        "+sweep=optuna_vae",
+        "hydra.sweeper.n_trials=2",
+        *TINY[1:],
+        f"hydra.sweep.dir={sweep}",
+        data_dir=data_dir,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    scores = [
+        json.loads((sweep / job / "metrics.json").read_text())["val/neg_elbo"] for job in "01"
+    ]
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert best["best_value"] == pytest.approx(min(scores))
+    assert {"model.beta", "model.latent_dim", "model.optimizer.lr"} == best["best_params"].keys()
+
+
+@pytest.mark.parametrize(
+    ("preset", "model", "swept"),
+    [
+        ("latent_beta", "VAE", {"model.latent_dim": "2,4,8,16", "model.beta": "0.5,1,2,4"}),
+        ("ae_latent", "AE", {"model.latent_dim": "2,4,8,16,32"}),
+        ("gan_latent", "GAN", {"model.latent_dim": "16,32,64,128"}),
+        (
+            "optuna_vae",
+            "VAE",
+            {
+                "model.beta": "interval(0.25, 4.0)",
+                "model.latent_dim": "choice(2, 4, 8, 16, 32)",
+                "model.optimizer.lr": "tag(log, interval(1e-4, 1e-2))",
+            },
+        ),
+    ],
+)
+def test_sweep_presets_choose_the_model_and_the_grid(preset, model, swept):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[f"+sweep={preset}"], return_hydra_config=True)
+    assert cfg.model._target_ == f"genlab.models.{model}"
+    assert dict(cfg.hydra.sweeper.params) == swept
