@@ -173,7 +173,7 @@ class ImageLogger(pl.Callback):
         images: dict[str, Tensor] = {}
         if "recon" in declared:
             originals = held_out[: self.num_recon]
-            images["recon"] = visuals.recon_grid(originals, model(originals))
+            images["recon"] = visuals.recon_grid(originals, model.decode(model.embed(originals)))
         if "samples" in declared:
             tag = "samples_fitted_gaussian" if model.fitted_prior else "samples"
             images[tag] = visuals.grid(decode(noise[: self.num_samples]), _SAMPLES_PER_ROW)
