@@ -136,8 +136,13 @@ def test_val_size_out_of_range(data_dir):
         dm.setup("fit")
 
 
-def test_multi_process_training_is_refused_not_silently_duplicated(data_dir):
+def test_each_process_gets_its_share_of_every_split(data_dir):
     dm = ImageDataModule("mnist", data_dir, download=False)
-    dm.trainer = SimpleNamespace(world_size=2, strategy=SimpleNamespace(root_device="cpu"))
-    with pytest.raises(GenlabError, match="trainer.devices=1"):
-        dm.setup("fit")
+    dm.trainer = SimpleNamespace(
+        world_size=2, global_rank=1, strategy=SimpleNamespace(root_device="cpu")
+    )
+    dm.setup(None)
+    # 55,000 training images: 430 batches of 128, 215 per process; 5 of 1,000 for validation.
+    assert len(dm.train_dataloader()) == 215
+    assert len(dm.val_dataloader()) == 2  # batches 1 and 3 of 0..4
+    assert len(dm.test_dataloader()) == 5  # 10 test batches

@@ -9,6 +9,7 @@ Dataset/DataLoader pipeline, which dominates an epoch at this model size.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Iterator
@@ -20,6 +21,8 @@ from torch import Tensor
 from torchvision import datasets
 
 from genlab.errors import GenlabError, check_choice
+
+log = logging.getLogger(__name__)
 
 DATASETS = {"mnist": datasets.MNIST, "fashion_mnist": datasets.FashionMNIST}
 # Names of the ten classes, by label, as plots show them.
@@ -82,6 +85,12 @@ class BatchLoader:
 
     ``binarize_dynamic`` draws a fresh binary sample of every batch each time
     it is served (seeded by the epoch), as in dynamically binarised MNIST.
+
+    With several processes (DDP), every process draws the same epoch order and
+    takes every ``world_size``-th batch of it, starting at its ``rank``: the
+    shares are disjoint and together make the whole epoch. ``even_shards`` (for
+    training) tops the shorter shares up with the epoch's first batches, so that
+    every process takes the same number of optimiser steps, as DDP requires.
     """
 
     def __init__(
@@ -92,23 +101,37 @@ class BatchLoader:
         shuffle: bool = False,
         seed: int = 0,
         binarize_dynamic: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        even_shards: bool = False,
     ):
         self.images = images
         self.labels = labels
         self.batch_size = batch_size
         self.binarize_dynamic = binarize_dynamic
+        self.rank = rank
+        self.world_size = world_size
+        self.even_shards = even_shards
         # The two attributes Lightning inspects on a DataLoader: it calls
         # sampler.set_epoch() each epoch; no batch_sampler means batches are ours.
         self.sampler = EpochOrder(len(images), shuffle, seed)
         self.batch_sampler = None
 
+    def batch_starts(self) -> list[int]:
+        """Where this process's batches begin in the epoch's order."""
+        starts = list(range(0, len(self.images), self.batch_size))
+        mine = starts[self.rank :: self.world_size]
+        if self.even_shards:
+            mine += starts[: math.ceil(len(starts) / self.world_size) - len(mine)]
+        return mine
+
     def __len__(self) -> int:
-        return math.ceil(len(self.images) / self.batch_size)
+        return len(self.batch_starts())
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         generator = self.sampler.generator(self.images.device)
         order = self.sampler.indices(generator)
-        for start in range(0, len(self.images), self.batch_size):
+        for start in self.batch_starts():
             if order is None:  # slicing is a view: no copy
                 images = self.images[start : start + self.batch_size]
                 labels = self.labels[start : start + self.batch_size]
@@ -163,6 +186,8 @@ class ImageDataModule(pl.LightningDataModule):
         self.seed = seed
         self.split_seed = split_seed
         self.splits: dict[str, tuple[Tensor, Tensor]] = {}
+        # This process's share of every epoch when training on several (see BatchLoader).
+        self._shard = {"rank": 0, "world_size": 1}
         self._decoded: dict[bool, tuple[Tensor, Tensor]] = {}
 
     @property
@@ -222,13 +247,8 @@ class ImageDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         device = torch.device("cpu")
         if self.trainer is not None:
-            if self.trainer.world_size > 1:
-                raise GenlabError(
-                    f"Training on {self.trainer.world_size} processes (trainer.devices > 1 or "
-                    "trainer.num_nodes > 1) is not supported: genlab's in-memory batches would "
-                    "give every process the same data. Train with trainer.devices=1."
-                )
             device = self.trainer.strategy.root_device
+            self._shard = {"rank": self.trainer.global_rank, "world_size": self.trainer.world_size}
         if stage in (None, "fit", "validate") and "train" not in self.splits:
             images, labels = self._take_decoded(train=True)
             if not 0 <= self.val_size < len(images):
@@ -258,19 +278,30 @@ class ImageDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> BatchLoader:
         images, labels = self.splits["train"]
-        return BatchLoader(
+        loader = BatchLoader(
             images,
             labels,
             self.batch_size,
             shuffle=True,
             seed=self.seed,
             binarize_dynamic=self.binarize == "dynamic",
+            even_shards=True,
+            **self._shard,
         )
+        if loader.world_size > 1:
+            log.info(
+                "Process %d of %d trains on %d of the %d batches of each epoch.",
+                loader.rank,
+                loader.world_size,
+                len(loader),
+                math.ceil(len(images) / self.batch_size),
+            )
+        return loader
 
     def val_dataloader(self) -> BatchLoader | list:
         if self.val_size == 0:
             return []  # Lightning skips validation when there is no loader
-        return BatchLoader(*self.splits["val"], self.eval_batch_size)
+        return BatchLoader(*self.splits["val"], self.eval_batch_size, **self._shard)
 
     def test_dataloader(self) -> BatchLoader:
-        return BatchLoader(*self.splits["test"], self.eval_batch_size)
+        return BatchLoader(*self.splits["test"], self.eval_batch_size, **self._shard)

@@ -21,10 +21,11 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ProgressBar
+from pytorch_lightning.plugins.environments import SLURMEnvironment
 
 from genlab import run
 from genlab.config import CONF_DIR
-from genlab.errors import find_user_error, user_errors
+from genlab.errors import GenlabError, find_user_error, user_errors
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,22 @@ def _in_sweep() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+def _refuse_local_ddp_sweep(cfg: DictConfig) -> None:
+    """Lightning's DDP starts its other processes by re-running the command line,
+    which inside a local multirun would re-run the whole sweep."""
+    trainer = cfg.trainer
+    processes = (trainer.get("devices") or 1) * (trainer.get("num_nodes") or 1)
+    strategy = str(trainer.get("strategy") or "")
+    if strategy.startswith("ddp") and processes != 1 and not SLURMEnvironment.detect():
+        raise GenlabError(
+            f"trainer.strategy={strategy} with {processes} processes cannot run inside a "
+            "local sweep (-m): Lightning starts DDP's other processes by re-running the "
+            "command, which would re-run the sweep. Sweep DDP runs on a cluster with "
+            "hydra/launcher=slurm (SLURM starts the processes), run each DDP job on its own "
+            "without -m, or sweep with trainer.devices=1."
+        )
+
+
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     """Console entry point ``genlab-train``.
@@ -94,6 +111,8 @@ def main(cfg: DictConfig) -> float | None:
         with user_errors():
             metrics = train(cfg)
         return _objective(cfg, metrics)
+    with user_errors():
+        _refuse_local_ddp_sweep(cfg)
     # One failing job must not end a sweep (Hydra stops at the first job that
     # raises): record the failure in the job's metrics.json and move on.
     try:

@@ -120,14 +120,19 @@ class GenerativeModel(pl.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         if self._train_count:
-            means = {k: v / self._train_count for k, v in self._train_sums.items()}
-            self._log("train", means)
+            # Summed over all processes (DDP) before dividing: the exact mean over every example.
+            reduce = self.trainer.strategy.reduce
+            count = reduce(
+                torch.tensor(float(self._train_count), device=self.device), reduce_op="sum"
+            )
+            means = {k: reduce(v, reduce_op="sum") / count for k, v in self._train_sums.items()}
+            self._log("train", means, sync_dist=False)
 
     def _log(
         self, split: str, metrics: dict[str, Tensor], on_step: bool = False, **kwargs: Any
     ) -> None:
-        """Log as ``split/<name>`` once per epoch (reduced across devices), or as
-        ``split/<name>_step`` for this step."""
+        """Log as ``split/<name>`` once per epoch (reduced across devices unless
+        ``sync_dist=False``), or as ``split/<name>_step`` for this step."""
         suffix = "_step" if on_step else ""
         # Lightning takes prog_bar per call, so metrics shown in the bar go in a call of their own.
         for prog_bar in (True, False):
@@ -142,8 +147,7 @@ class GenerativeModel(pl.LightningModule):
                     on_step=on_step,
                     on_epoch=not on_step,
                     prog_bar=prog_bar,
-                    sync_dist=not on_step,
-                    **kwargs,
+                    **{"sync_dist": not on_step, **kwargs},
                 )
 
     def eval_noise(self, shape: tuple[int, ...], batch_idx: int) -> Tensor:
