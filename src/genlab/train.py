@@ -1,12 +1,13 @@
 """genlab-train: one training run (or a sweep with -m) from the Hydra config in conf/train.yaml.
 
-config -> seed -> data, model, logger, callbacks, trainer -> fit -> test -> metrics.json
+config -> check -> seed -> data, model, logger, callbacks, trainer -> fit -> test -> metrics.json
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -14,13 +15,17 @@ from typing import Any
 
 import hydra
 import pytorch_lightning as pl
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning_fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ProgressBar
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from genlab import run
-from genlab.config import CONF_DIR
-from genlab.errors import user_errors
+from genlab import config, run, safety
+from genlab.errors import GenlabError, TrainingDiverged, user_errors
 
 log = logging.getLogger(__name__)
 
@@ -34,27 +39,76 @@ def _quiet_third_party_noise() -> None:
     )
 
 
+def _build_trainer(cfg: DictConfig, **objects: Any) -> pl.Trainer:
+    if not cfg.trainer.get("plugins"):  # a user's own plugins replace the atomic checkpoint writer
+        objects["plugins"] = [safety.AtomicCheckpointIO()]
+    try:
+        return instantiate(cfg.trainer, **objects)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, MisconfigurationException):  # Lightning's word on a setting
+            raise GenlabError(f"Lightning refused the trainer settings: {err.__cause__}") from err
+        raise
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Train and test one model as ``cfg`` describes; returns what metrics.json holds."""
+    """Train and test one model as ``cfg`` describes; returns what metrics.json holds.
+
+    Its ``status`` is ``completed``, ``diverged`` (a training loss became NaN
+    or infinite: training stopped, the last checkpoint holds the last good
+    weights) or ``interrupted`` (Ctrl-C or SIGTERM: a checkpoint was saved
+    and ``resume=last`` continues). Anything that stops the run before
+    training (a bad config, missing or corrupt data, a refused run directory)
+    raises `GenlabError` and leaves the run directory as it was.
+    """
     start = time.perf_counter()
     run_config = OmegaConf.to_container(cfg, resolve=True)
+    config.validate(run_config)
     output_dir = Path(cfg.paths.output_dir)
-    ckpt_path = run.resume_checkpoint(cfg.resume, Path(cfg.paths.checkpoint_dir), run_config)
+    checkpoint_dir = Path(cfg.paths.checkpoint_dir)
+    ckpt_path = run.resume_checkpoint(cfg.resume, checkpoint_dir, run_config, output_dir)
     pl.seed_everything(cfg.seed, workers=True)
 
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
     model.run_config = run_config
+    config.check_training_setup(run_config, model)
+    datamodule.prepare_data()  # missing or corrupt files stop the run here, before it writes
+
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c]
     if not cfg.trainer.get("enable_progress_bar", True):
         # Lightning refuses a progress-bar callback beside enable_progress_bar=false; the switch wins.
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
-    trainer: pl.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks)
+    stopper = safety.StopOnInterrupt(checkpoint_dir)
+    callbacks += [safety.SeedEachEpoch(cfg.seed), stopper, safety.OneLogHistory()]
+    trainer = _build_trainer(cfg, logger=logger, callbacks=callbacks)
+    run.record_run(output_dir, cfg)  # the run is accepted: from here on it writes its directory
     if logger:
         logger.log_hyperparams(run_config)
 
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        with stopper.handling_ctrl_c():
+            trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    except TrainingDiverged as err:
+        last = checkpoint_dir / run.LAST_CHECKPOINT
+        kept = (
+            f"{last} holds the last good weights"
+            if last.is_file()
+            else "no checkpoint had been saved yet"
+        )
+        message = (
+            f"{err} The run stopped before saving anything from those weights; {kept}. Try a "
+            f"lower model.optimizer.lr, or clip gradients with trainer.gradient_clip_val (AE, VAE)."
+        )
+        log.error("%s", message)
+        return _stopped(trainer, output_dir, checkpoint_dir, start, "diverged", message)
+    except SIGTERMException:  # Ctrl-C or SIGTERM; StopOnInterrupt saved a checkpoint
+        pass
+    if stopper.requested:
+        message = "Training was stopped (Ctrl-C or SIGTERM); continue it with resume=last."
+        log.warning(message)
+        return _stopped(trainer, output_dir, checkpoint_dir, start, "interrupted", message)
+
     tested, val_metrics = run.tested_weights(trainer)
     (test_metrics,) = trainer.test(model, datamodule=datamodule, ckpt_path=tested)
 
@@ -73,12 +127,48 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    """Console entry point ``genlab-train``."""
+def _stopped(
+    trainer: pl.Trainer,
+    output_dir: Path,
+    checkpoint_dir: Path,
+    start: float,
+    status: str,
+    message: str,
+) -> dict[str, Any]:
+    """metrics.json of a run that stopped before the end: where it got, and what to resume."""
+    last = checkpoint_dir / run.LAST_CHECKPOINT
+    metrics = {
+        "status": status,
+        "message": message,
+        "epochs": trainer.current_epoch,
+        "global_step": trainer.global_step,
+        "last_checkpoint": os.path.relpath(last, output_dir) if last.is_file() else None,
+        "wall_time_s": round(time.perf_counter() - start, 2),
+    }
+    if trainer.is_global_zero:
+        run.write_metrics(output_dir / run.METRICS_FILE, metrics)
+    return metrics
+
+
+@hydra.main(config_path=str(config.CONF_DIR), config_name="train", version_base="1.3")
+def _hydra_main(cfg: DictConfig) -> None:
     _quiet_third_party_noise()
     with user_errors():
-        train(cfg)
+        status = train(cfg)["status"]
+    if status == "interrupted":
+        raise SystemExit(130)  # the shell's code for Ctrl-C; a sweep stops too
+    if status == "diverged" and HydraConfig.get().mode != RunMode.MULTIRUN:
+        raise SystemExit(1)  # in a sweep, the other jobs go on (metrics.json says diverged)
+
+
+def main() -> None:
+    """Console entry point ``genlab-train``."""
+    try:
+        with config.hydra_errors_as_user_errors():
+            _hydra_main()
+    except KeyboardInterrupt:  # Ctrl-C outside training: nothing to save
+        print("Interrupted.", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ from genlab.models.nets import MLP, Conv
 class AE(GenerativeModel):
     """Autoencoder. Logs ``*/loss`` and ``*/recon`` (equal: -log p(x|z) in nats per image)."""
 
+    metric_names = ("loss", "recon")
+
     def __init__(
         self,
         net: MLP | Conv,

@@ -24,6 +24,8 @@ class VAE(GenerativeModel):
     """Logs ``*/loss``, ``*/neg_elbo``, ``*/recon`` and ``*/kl``: sums over pixels and
     latent dims, averaged over examples, in nats."""
 
+    metric_names = ("loss", "neg_elbo", "recon", "kl")
+
     def __init__(
         self,
         net: MLP | Conv,
