@@ -3,6 +3,7 @@ resume after Ctrl-C or at an epoch boundary, divergence, atomic checkpoints."""
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -111,6 +112,22 @@ def test_resumed_runs_end_exactly_as_uninterrupted_ones(make_cfg, tmp_path, monk
         tmp_path / "straight", "train/loss"
     )
     assert not list((tmp_path / "ctrl_c" / "tensorboard").glob("version_*"))
+
+
+def test_a_resumed_run_continues_its_csv_log(make_cfg, tmp_path):
+    settings = ("model=ae", "logger=csv", "trainer.log_every_n_steps=1")
+    train(make_cfg(*settings))
+    log = tmp_path / "run" / "csv" / "metrics.csv"
+    with log.open(newline="") as f:
+        header = csv.DictReader(f).fieldnames
+    with log.open("a", newline="") as f:  # a crashed attempt logged past the checkpoint
+        csv.DictWriter(f, fieldnames=header).writerow({"step": 3, "train/loss_step": -1.0})
+
+    train(make_cfg(*settings, "trainer.max_epochs=2", "resume=last"))
+    with log.open(newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("train/loss_step")]
+    assert [int(r["step"]) for r in rows] == list(range(6))
+    assert all(float(r["train/loss_step"]) > 0 for r in rows)
 
 
 def test_a_diverging_run_stops_keeps_its_last_good_checkpoint_and_says_so(

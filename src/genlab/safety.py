@@ -11,12 +11,14 @@
 - `StopOnInterrupt`: Ctrl-C (SIGINT) or SIGTERM finishes the current batch,
   saves ``last.ckpt`` and stops training; a second Ctrl-C stops at once;
 - `OneLogHistory`: a resumed run tells TensorBoard to drop what the earlier
-  attempt logged after its checkpoint, so every step appears once.
+  attempt logged after its checkpoint (and drops those rows from the CSV log
+  of `CSVLogger`, ``logger=csv``), so every step appears once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import csv
 import logging
 import os
 import random
@@ -30,8 +32,11 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from pytorch_lightning import loggers as pl_loggers
 from pytorch_lightning.callbacks import Checkpoint
 from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.loggers.csv_logs import ExperimentWriter
+from pytorch_lightning.loggers.logger import rank_zero_experiment
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 
@@ -203,6 +208,45 @@ class StopOnInterrupt(pl.Callback):
             trainer.save_checkpoint(self.checkpoint_dir / LAST_CHECKPOINT)
 
 
+class _ContinuedCSVWriter(ExperimentWriter):
+    """Lightning's CSV writer, except that an existing metrics.csv is continued, not deleted."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            self.metrics_keys = self._read()[0]
+
+    def _read(self) -> tuple[list[str], list[dict[str, str]]]:
+        with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+            reader = csv.DictReader(f)
+            return list(reader.fieldnames or []), list(reader)
+
+    def drop_from(self, step: int) -> None:
+        """Forget the rows logged at ``step`` or later."""
+        if not self._fs.isfile(self.metrics_file_path):
+            return
+        keys, rows = self._read()
+        with self._fs.open(self.metrics_file_path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(row for row in rows if int(row["step"]) < step)
+
+
+class CSVLogger(pl_loggers.CSVLogger):
+    """Lightning's CSV logger, keeping the rows of earlier attempts when a run is resumed.
+
+    Lightning's own deletes ``metrics.csv`` whenever its folder is reused, so a
+    resumed run would lose the history of the epochs before its checkpoint.
+    """
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _ContinuedCSVWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
 class OneLogHistory(pl.Callback):
     """Keeps one TensorBoard history across a resume.
 
@@ -227,3 +271,5 @@ class OneLogHistory(pl.Callback):
             if isinstance(logger, TensorBoardLogger):
                 restart = Event(step=step, session_log=SessionLog(status=SessionLog.START))
                 logger.experiment.file_writer.add_event(restart)
+            elif isinstance(logger, CSVLogger):
+                logger.experiment.drop_from(step)
