@@ -5,12 +5,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 # The limits of the acceptance runs: one short epoch.
 ACCEPTANCE_LIMITS = [
@@ -108,3 +112,233 @@ def test_missing_data_is_one_clear_paragraph_without_a_traceback(tmp_path):
     assert len(error) == 1
     assert str(tmp_path / "data") in error[0]
     assert "GENLAB_DATA_DIR" in error[0] and "data.data_dir" in error[0]
+
+
+# -- clean errors, reproduction and crash safety, through the real entry point -----------------
+
+FAST_CLI = [
+    "trainer.max_epochs=1",
+    "++trainer.limit_train_batches=3",
+    "++trainer.limit_val_batches=1",
+    "++trainer.limit_test_batches=1",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "data.eval_batch_size=256",
+]
+
+# Runs `genlab.train.main` (what the genlab-train script calls) once per command line,
+# in one interpreter so that two dozen commands do not pay two dozen start-ups.
+_DRIVER = """
+import contextlib, io, json, os, signal, sys, traceback
+import pytorch_lightning as pl
+from genlab.train import main
+
+class PressCtrlC(pl.Callback):  # a user pressing Ctrl-C during the third training step
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+cases, results_file, results = json.loads(sys.argv[1]), sys.argv[2], []
+for case in cases:
+    sys.argv = ["genlab-train", *case["args"]]
+    os.environ.pop("HYDRA_FULL_ERROR", None)
+    os.environ.update(case.get("env", {}))
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main()
+        except SystemExit as stop:
+            code = stop.code
+        except BaseException:
+            traceback.print_exc()
+            code = "uncaught"
+    read = case.get("read")  # a file to read right after the command, e.g. its metrics.json
+    text = open(read).read() if read and os.path.exists(read) else None
+    results.append({"code": code, "stdout": out.getvalue(), "stderr": err.getvalue(), "read": text})
+with open(results_file, "w") as f:
+    json.dump(results, f)
+"""
+
+
+def run_commands(cases: list[dict], data_dir: Path, cwd: Path) -> list[dict]:
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    env["GENLAB_DATA_DIR"] = str(data_dir)
+    out = cwd / "results.json"
+    done = subprocess.run(
+        [sys.executable, "-c", _DRIVER, json.dumps(cases), str(out)],
+        check=False,
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+# Each exits != 0 with one "Error:" paragraph and no traceback. The first ten are the
+# acceptance list; {tmp} is the test's folder.
+CLEAN_ERRORS = [
+    ("model=vea", "ae, gan, vae"),
+    ("data=cifar", "fashion_mnist, mnist"),
+    ("model.latent_dim=0", "model.latent_dim=0"),
+    ("model.latent_dim=-3", "model.latent_dim=-3"),
+    ("model.beta=-1", "model.beta=-1"),
+    ("model.latnet_dim=4", "did you mean latent_dim"),
+    ("data.batch_size=abc", "data.batch_size='abc'"),
+    ("trainer.max_epochs=-5", "trainer.max_epochs=-5"),
+    ("data.data_dir=/nonexistent/path", "/nonexistent/path"),
+    ("model.optimizer.lr=0", "model.optimizer.lr=0"),
+    ("model.latent_dim=2.5", "model.latent_dim=2.5"),
+    ("model=gan trainer.gradient_clip_val=1", "manual optimisation"),
+    ("model=gan callbacks=default", "last_checkpoint_only"),
+    ("model/net=transformer", "conv, mlp"),
+    ("++trainer.limt_train_batches=3", "did you mean limit_train_batches"),
+    ("data.data_dir={tmp}/corrupt", "train-images-idx3-ubyte' is not a valid IDX file"),
+    ("data=fashion_mnist data.verify=true", "train-images-idx3-ubyte' is not the official"),
+    ("resume=last", "resume=last found no checkpoint"),
+    ("model=vae resume={tmp}/gan/checkpoints/last.ckpt", "model._target_ was 'genlab.models.GAN'"),
+    ("model=gan model.latent_dim=8 hydra.run.dir={tmp}/gan", "already holds the results"),
+]
+
+
+def test_the_cli_reports_errors_cleanly_and_reproduces_a_run(data_dir, tmp_path):
+    corrupt = tmp_path / "corrupt" / "MNIST" / "raw"
+    corrupt.mkdir(parents=True)
+    for source in (data_dir / "MNIST" / "raw").iterdir():
+        (corrupt / source.name).symlink_to(source.resolve())
+    images = corrupt / "train-images-idx3-ubyte"
+    truncated = images.read_bytes()[:1_000_000]
+    images.unlink()
+    images.write_bytes(truncated)
+
+    gan, again = tmp_path / "gan", tmp_path / "again"
+    runs = [
+        {"args": ["model=gan", *FAST_CLI, f"hydra.run.dir={gan}"]},
+        # The short form that reruns a run from its directory.
+        {
+            "args": [
+                "--config-dir",
+                f"{gan}/.hydra",
+                "--config-name",
+                "config",
+                f"hydra.run.dir={again}",
+            ]
+        },
+    ]
+    errors = [
+        {"args": [*FAST_CLI, f"hydra.run.dir={tmp_path}/e{i}", *spec.format(tmp=tmp_path).split()]}
+        for i, (spec, _) in enumerate(CLEAN_ERRORS)
+    ]
+    diverging = {
+        "args": ["model.optimizer.lr=1e30", *FAST_CLI, f"hydra.run.dir={tmp_path}/diverged"]
+    }
+    full_error = {"args": ["model=vea"], "env": {"HYDRA_FULL_ERROR": "1"}}
+    two_epochs = [*FAST_CLI, "trainer.max_epochs=2", f"hydra.run.dir={tmp_path}/ctrl_c"]
+    ctrl_c = [
+        {
+            "args": [*two_epochs, "+callbacks.ctrl_c._target_=__main__.PressCtrlC"],
+            "read": str(tmp_path / "ctrl_c" / "metrics.json"),
+        },
+        {"args": [*two_epochs, "resume=last"]},
+    ]
+
+    results = run_commands([*runs, *errors, diverging, full_error, *ctrl_c], data_dir, tmp_path)
+    (gan_run, rerun), results = results[:2], results[2:]
+    error_results, (diverged, full, stopped, resumed) = results[:-4], results[-4:]
+
+    assert gan_run["code"] == 0 and rerun["code"] == 0, gan_run["stderr"] + rerun["stderr"]
+    first = json.loads((gan / "metrics.json").read_text())
+    second = json.loads((again / "metrics.json").read_text())
+    assert {k: v for k, v in first.items() if "/" in k} == {
+        k: v for k, v in second.items() if "/" in k
+    }
+
+    for (spec, words), result in zip(CLEAN_ERRORS, error_results):
+        output = result["stdout"] + result["stderr"]
+        assert result["code"] not in (0, None, "uncaught"), f"{spec}: {output[-2000:]}"
+        assert "Traceback" not in output, f"{spec}: {output[-2000:]}"
+        (error,) = [line for line in result["stderr"].splitlines() if line.startswith("Error:")]
+        assert words in error, f"{spec}: {error}"
+    # The refused fresh run (latent_dim=8) left the earlier run's record as it was.
+    assert "latent_dim: 64" in (gan / ".hydra" / "config.yaml").read_text()
+    assert "latent_dim=8" not in (gan / ".hydra" / "overrides.yaml").read_text()
+    assert not (tmp_path / "nonexistent").exists()
+
+    # A diverging run is not a crash: a clear message, status "diverged", exit code 1.
+    assert diverged["code"] == 1 and "Traceback" not in diverged["stdout"] + diverged["stderr"]
+    assert "Training diverged" in diverged["stdout"] + diverged["stderr"]
+    assert json.loads((tmp_path / "diverged" / "metrics.json").read_text())["status"] == "diverged"
+
+    assert full["code"] != 0 and "Traceback" in full["stderr"] and "model=vea" in full["stderr"]
+
+    # Ctrl-C: the step finishes, a checkpoint is saved, exit code 130, no traceback.
+    output = stopped["stdout"] + stopped["stderr"]
+    assert stopped["code"] == 130 and "Traceback" not in output, output[-3000:]
+    assert "Ctrl-C: stopping after this batch" in output
+    interrupted = json.loads(stopped["read"])
+    assert interrupted["status"] == "interrupted" and interrupted["global_step"] == 3
+    assert resumed["code"] == 0, resumed["stderr"][-3000:]
+    finished = json.loads((tmp_path / "ctrl_c" / "metrics.json").read_text())
+    assert finished["status"] == "completed" and finished["global_step"] == 6
+
+
+def test_a_run_killed_mid_training_resumes_to_the_end(data_dir, tmp_path):
+    exe = shutil.which("genlab-train", path=str(Path(sys.executable).parent))
+    run_dir = tmp_path / "run"
+    command = [
+        exe,
+        "trainer.max_epochs=1",
+        "++trainer.limit_train_batches=200",
+        "++trainer.limit_val_batches=1",
+        "++trainer.limit_test_batches=1",
+        "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false",
+        "trainer.log_every_n_steps=2",
+        "data.batch_size=32",
+        "data.eval_batch_size=500",
+        "model.net.hidden_dims=[32]",
+        "callbacks.last_checkpoint.every_n_train_steps=10",
+        f"hydra.run.dir={run_dir}",
+    ]
+    env = {**os.environ, "GENLAB_DATA_DIR": str(data_dir)}
+    env.pop("HYDRA_FULL_ERROR", None)
+    last = run_dir / "checkpoints" / "last.ckpt"
+
+    # kill -9 once a mid-epoch checkpoint exists and later steps have been logged.
+    killed = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not last.exists():
+        assert killed.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    (events_file,) = (run_dir / "tensorboard").glob("events.out.tfevents.*")
+    logged = events_file.stat().st_size
+    while events_file.stat().st_size == logged and time.monotonic() < deadline:
+        time.sleep(0.01)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    killed_at = torch.load(last)["global_step"]
+    assert 0 < killed_at < 200
+
+    finished = subprocess.run(
+        [*command, "resume=last"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["global_step"] == 200
+    # One TensorBoard history: one folder, no step twice. The step of the checkpoint the
+    # kill followed may be missing: Lightning hands a batch's values to the loggers only
+    # after the batch's checkpoint hooks, and a kill may come before they reach the disk.
+    assert not [p for p in (run_dir / "tensorboard").iterdir() if p.is_dir()]
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    steps = [e.step for e in events.Scalars("train/loss_step")]
+    assert steps == sorted(set(steps))
+    assert set(range(1, 200, 2)) - set(steps) <= {killed_at - 1}

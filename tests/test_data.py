@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import struct
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from genlab.data import BatchLoader, ImageDataModule
+from genlab.data import OFFICIAL_SHA256, BatchLoader, ImageDataModule, sha256
 from genlab.errors import GenlabError
 
 
@@ -146,3 +147,114 @@ def test_each_process_gets_its_share_of_every_split(data_dir):
     assert len(dm.train_dataloader()) == 215
     assert len(dm.val_dataloader()) == 2  # batches 1 and 3 of 0..4
     assert len(dm.test_dataloader()) == 5  # 10 test batches
+
+
+# -- integrity of the IDX files (on copies in tmp_path; the shared data stays untouched) ---------
+
+RAW = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte")
+RAW_TEST = ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def data_copy(tmp_path, data_dir, folder="MNIST", **replacements: bytes):
+    """A data folder whose files link to the real ones, except ``replacements`` (name -> bytes)."""
+    raw = tmp_path / "data" / folder / "raw"
+    raw.mkdir(parents=True)
+    for name in RAW + RAW_TEST:
+        source = data_dir / folder / "raw" / name
+        key = name.replace("-", "_")
+        if key in replacements:
+            (raw / name).write_bytes(replacements[key])
+        else:
+            (raw / name).symlink_to(source.resolve())
+    return tmp_path / "data"
+
+
+def labels_file(labels: list[int]) -> bytes:
+    return struct.pack(">II", 0x801, len(labels)) + bytes(labels)
+
+
+@pytest.mark.parametrize(
+    ("name", "corrupt", "words"),
+    [
+        ("train_images_idx3_ubyte", lambda b: b[: len(b) // 2], ["truncated", "47040016 bytes"]),
+        ("train_images_idx3_ubyte", lambda b: b[:3], ["fewer than an IDX header"]),
+        ("train_labels_idx1_ubyte", lambda b: b"\x00\x00\x08\x03" + b[4:], ["magic number"]),
+        (
+            "train_images_idx3_ubyte",
+            lambda b: b[:8] + struct.pack(">II", 32, 32) + b[16:],
+            ["(32, 32)"],
+        ),
+    ],
+)
+def test_a_corrupt_file_is_named(data_dir, tmp_path, name, corrupt, words):
+    original = (data_dir / "MNIST" / "raw" / name.replace("_", "-")).read_bytes()
+    root = data_copy(tmp_path, data_dir, **{name: corrupt(original)})
+    with pytest.raises(GenlabError) as err:
+        ImageDataModule("mnist", root, download=False).prepare_data()
+    message = str(err.value)
+    assert name.replace("_", "-") in message and "\n" not in message
+    for word in words:
+        assert word in message, message
+
+
+def test_images_and_labels_must_agree(data_dir, tmp_path):
+    root = data_copy(tmp_path, data_dir, t10k_labels_idx1_ubyte=labels_file([1, 2, 3]))
+    with pytest.raises(GenlabError, match="10000 images but .*t10k-labels-idx1-ubyte.* 3 labels"):
+        ImageDataModule("mnist", root, download=False).prepare_data()
+
+
+def test_labels_outside_the_ten_classes_are_refused(data_dir, tmp_path):
+    labels = (data_dir / "MNIST" / "raw" / "t10k-labels-idx1-ubyte").read_bytes()
+    root = data_copy(tmp_path, data_dir, t10k_labels_idx1_ubyte=labels[:-1] + b"\x0b")
+    with pytest.raises(GenlabError, match="t10k-labels-idx1-ubyte.*outside 0..9"):
+        ImageDataModule("mnist", root, download=False).prepare_data()
+
+
+def test_verify_accepts_the_official_mnist_files(data_dir):
+    dm = ImageDataModule("mnist", data_dir, download=False, verify=True)
+    dm.prepare_data()  # the shared MNIST copy is byte-identical to the official release
+    assert {sha256(data_dir / "MNIST" / "raw" / n) for n in RAW + RAW_TEST} == set(
+        OFFICIAL_SHA256["MNIST"].values()
+    )
+
+
+def test_verify_names_a_file_that_is_not_the_official_one(data_dir, tmp_path):
+    labels = (data_dir / "MNIST" / "raw" / "train-labels-idx1-ubyte").read_bytes()
+    swapped = labels[:8] + bytes([labels[9], labels[8]]) + labels[10:]  # still a valid file
+    root = data_copy(tmp_path, data_dir, train_labels_idx1_ubyte=swapped)
+    ImageDataModule("mnist", root, download=False).prepare_data()  # fine without verify
+    with pytest.raises(GenlabError) as err:
+        ImageDataModule("mnist", root, download=False, verify=True).prepare_data()
+    assert "train-labels-idx1-ubyte" in str(err.value)
+    assert OFFICIAL_SHA256["MNIST"]["train-labels-idx1-ubyte"] in str(err.value)
+    assert "data.verify=false" in str(err.value)
+
+
+def test_a_data_dir_whose_parent_is_missing_is_a_typo_not_a_download(tmp_path):
+    dm = ImageDataModule("mnist", tmp_path / "no" / "such" / "folder", download=True)
+    with pytest.raises(GenlabError, match="no download was tried"):
+        dm.prepare_data()
+    assert not (tmp_path / "no").exists()
+
+
+def test_the_loader_resumes_mid_epoch_where_it_stopped(data_dir):
+    images, labels = torch.rand(10, 1, 28, 28), torch.arange(10)
+    loader = BatchLoader(images, labels, batch_size=3, shuffle=True, binarize_dynamic=True)
+    loader.sampler.set_epoch(4)
+    full = list(loader)
+    partial = iter(loader)
+    next(partial), next(partial)
+    state = loader.state_dict()
+    assert state == {"epoch": 4, "batches": 2}
+
+    resumed = BatchLoader(images, labels, batch_size=3, shuffle=True, binarize_dynamic=True)
+    resumed.load_state_dict(state)
+    resumed.sampler.set_epoch(4)
+    rest = list(resumed)
+    assert len(rest) == 2
+    for (x, y), (x_full, y_full) in zip(rest, full[2:]):
+        assert torch.equal(y, y_full) and torch.equal(x, x_full)  # same order, same binary sample
+    # A state saved at the end of an epoch does not cut the next epoch short.
+    resumed.load_state_dict({"epoch": 4, "batches": 4})
+    resumed.sampler.set_epoch(5)
+    assert len(list(resumed)) == 4

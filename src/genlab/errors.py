@@ -13,6 +13,10 @@ class GenlabError(Exception):
     """A problem the user can fix (bad input, missing data); its message says how."""
 
 
+class TrainingDiverged(GenlabError):
+    """A training loss became NaN or infinite; the run stops without saving the broken weights."""
+
+
 def check_choice(option: str, value: Any, choices: Iterable[Any]) -> None:
     """Raise a `GenlabError` naming ``option`` when ``value`` is not one of ``choices``."""
     choices = tuple(choices)

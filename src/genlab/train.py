@@ -1,6 +1,6 @@
 """genlab-train: one training run (or a sweep with -m) from the Hydra config in conf/train.yaml.
 
-config -> seed -> data, model, logger, callbacks, trainer -> fit -> test -> metrics.json
+config -> check -> seed -> data, model, logger, callbacks, trainer -> fit -> test -> metrics.json
 """
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -17,15 +18,17 @@ import hydra
 import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning_fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ProgressBar
 from pytorch_lightning.plugins.environments import SLURMEnvironment
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from genlab import run
-from genlab.config import CONF_DIR
-from genlab.errors import GenlabError, find_user_error, user_errors
+from genlab import config, run, safety
+from genlab.errors import GenlabError, TrainingDiverged, find_user_error, user_errors
 
 log = logging.getLogger(__name__)
 
@@ -39,27 +42,77 @@ def _quiet_third_party_noise() -> None:
     )
 
 
+def _build_trainer(cfg: DictConfig, **objects: Any) -> pl.Trainer:
+    if not cfg.trainer.get("plugins"):  # a user's own plugins replace the atomic checkpoint writer
+        objects["plugins"] = [safety.AtomicCheckpointIO()]
+    try:
+        return instantiate(cfg.trainer, **objects)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, MisconfigurationException):  # Lightning's word on a setting
+            raise GenlabError(f"Lightning refused the trainer settings: {err.__cause__}") from err
+        raise
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Train and test one model as ``cfg`` describes; returns what metrics.json holds."""
+    """Train and test one model as ``cfg`` describes; returns what metrics.json holds.
+
+    Its ``status`` is ``completed``, ``diverged`` (a training loss became NaN
+    or infinite: training stopped, the last checkpoint holds the last good
+    weights) or ``interrupted`` (Ctrl-C or SIGTERM: a checkpoint was saved
+    and ``resume=last`` continues). Anything that stops the run before
+    training (a bad config, missing or corrupt data, a refused run directory)
+    raises `GenlabError` and leaves the run directory as it was.
+    """
     start = time.perf_counter()
     run_config = OmegaConf.to_container(cfg, resolve=True)
+    config.validate(run_config)
     output_dir = Path(cfg.paths.output_dir)
-    ckpt_path = run.resume_checkpoint(cfg.resume, Path(cfg.paths.checkpoint_dir), run_config)
+    checkpoint_dir = Path(cfg.paths.checkpoint_dir)
+    ckpt_path = run.resume_checkpoint(cfg.resume, checkpoint_dir, run_config, output_dir)
     pl.seed_everything(cfg.seed, workers=True)
 
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
     model.run_config = run_config
+    config.check_training_setup(run_config, model)
+    datamodule.prepare_data()  # missing or corrupt files stop the run here, before it writes
+
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c]
     if not cfg.trainer.get("enable_progress_bar", True):
         # Lightning refuses a progress-bar callback beside enable_progress_bar=false; the switch wins.
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
-    trainer: pl.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks)
+    stopper = safety.StopOnInterrupt(checkpoint_dir)
+    callbacks += [safety.SeedEachEpoch(cfg.seed), stopper, safety.OneLogHistory()]
+    trainer = _build_trainer(cfg, logger=logger, callbacks=callbacks)
+    if trainer.is_global_zero:  # the run is accepted: from here on it writes its directory
+        run.record_run(output_dir, cfg)
     if logger:
         logger.log_hyperparams(run_config)
 
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        with stopper.handling_ctrl_c():
+            trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    except TrainingDiverged as err:
+        last = checkpoint_dir / run.LAST_CHECKPOINT
+        kept = (
+            f"{last} holds the last good weights"
+            if last.is_file()
+            else "no checkpoint had been saved yet"
+        )
+        message = (
+            f"{err} The run stopped before saving anything from those weights; {kept}. Try a "
+            f"lower model.optimizer.lr, or clip gradients with trainer.gradient_clip_val (AE, VAE)."
+        )
+        log.error("%s", message)
+        return _stopped(trainer, output_dir, checkpoint_dir, start, "diverged", message)
+    except SIGTERMException:  # Ctrl-C or SIGTERM; StopOnInterrupt saved a checkpoint
+        pass
+    if stopper.requested:
+        message = "Training was stopped (Ctrl-C or SIGTERM); continue it with resume=last."
+        log.warning(message)
+        return _stopped(trainer, output_dir, checkpoint_dir, start, "interrupted", message)
+
     tested, val_metrics = run.tested_weights(trainer)
     (test_metrics,) = trainer.test(model, datamodule=datamodule, ckpt_path=tested)
 
@@ -75,6 +128,29 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_global_zero:
         run.write_metrics(output_dir / run.METRICS_FILE, metrics)
         log.info("Run directory: %s", output_dir.resolve())
+    return metrics
+
+
+def _stopped(
+    trainer: pl.Trainer,
+    output_dir: Path,
+    checkpoint_dir: Path,
+    start: float,
+    status: str,
+    message: str,
+) -> dict[str, Any]:
+    """metrics.json of a run that stopped before the end: where it got, and what to resume."""
+    last = checkpoint_dir / run.LAST_CHECKPOINT
+    metrics = {
+        "status": status,
+        "message": message,
+        "epochs": trainer.current_epoch,
+        "global_step": trainer.global_step,
+        "last_checkpoint": os.path.relpath(last, output_dir) if last.is_file() else None,
+        "wall_time_s": round(time.perf_counter() - start, 2),
+    }
+    if trainer.is_global_zero:
+        run.write_metrics(output_dir / run.METRICS_FILE, metrics)
     return metrics
 
 
@@ -98,9 +174,9 @@ def _refuse_local_ddp_sweep(cfg: DictConfig) -> None:
         )
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
-def main(cfg: DictConfig) -> float | None:
-    """Console entry point ``genlab-train``.
+@hydra.main(config_path=str(config.CONF_DIR), config_name="train", version_base="1.3")
+def _hydra_main(cfg: DictConfig) -> float | None:
+    """One run (or one job of a sweep).
 
     Returns the metrics.json entry named by ``objective`` (for sweepers that
     optimise it, e.g. Optuna), NaN for a job that failed or does not report it.
@@ -110,11 +186,13 @@ def main(cfg: DictConfig) -> float | None:
     if not _in_sweep():
         with user_errors():
             metrics = train(cfg)
+        _exit_if_stopped(metrics["status"])
         return _objective(cfg, metrics)
     with user_errors():
         _refuse_local_ddp_sweep(cfg)
     # One failing job must not end a sweep (Hydra stops at the first job that
-    # raises): record the failure in the job's metrics.json and move on.
+    # raises): record the failure in the job's metrics.json and move on. A
+    # diverged job has said so in its metrics.json; the others go on too.
     try:
         metrics = train(cfg)
     except Exception as err:
@@ -123,15 +201,34 @@ def main(cfg: DictConfig) -> float | None:
             log.error("Job failed: %s", user_error)
         else:
             log.exception("Job failed")
-        run.record_failure(Path(cfg.paths.output_dir), user_error or err)
-        metrics = {}
+        run.record_failure(Path(cfg.paths.output_dir), cfg, user_error or err)
+        return _objective(cfg, {})
+    if metrics["status"] == "interrupted":
+        _exit_if_stopped(metrics["status"])  # Ctrl-C stops the whole sweep
     return _objective(cfg, metrics)
+
+
+def _exit_if_stopped(status: str) -> None:
+    if status == "interrupted":
+        raise SystemExit(130)  # the shell's code for Ctrl-C
+    if status == "diverged":
+        raise SystemExit(1)
 
 
 def _objective(cfg: DictConfig, metrics: dict[str, Any]) -> float | None:
     if cfg.get("objective") is None:
         return None
     return float(metrics.get(cfg.objective, math.nan))
+
+
+def main() -> None:
+    """Console entry point ``genlab-train``."""
+    try:
+        with config.hydra_errors_as_user_errors():
+            _hydra_main()
+    except KeyboardInterrupt:  # Ctrl-C outside training: nothing to save
+        print("Interrupted.", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from genlab.models.nets import MLP, Conv
 class AE(GenerativeModel):
     """Autoencoder. Logs ``*/loss`` and ``*/recon`` (equal: -log p(x|z) in nats per image)."""
 
+    metric_names = ("loss", "recon")
     visuals = ("recon", "samples", "latent", "manifold", "traversals")
     fitted_prior = True  # an AE has no prior: codes to decode come from its training codes
 

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from genlab.errors import TrainingDiverged
+
 RECON_LOSSES = ("bce", "mse")
 # Gaussian decoder with variance 1/2: -log p(x|z) = squared error + this constant per pixel.
 _GAUSSIAN_NLL_CONST = 0.5 * math.log(math.pi)
@@ -20,6 +22,9 @@ _GAUSSIAN_NLL_CONST = 0.5 * math.log(math.pi)
 _EVAL_SEED = 1234
 # Checkpoint entry holding the run's resolved config (see `genlab.run.load_model`).
 CONFIG_KEY = "genlab_config"
+# Checkpoint entry holding the running sums of the current training epoch, so
+# that a run resumed mid-epoch still logs the mean over the whole epoch.
+_EPOCH_SUMS_KEY = "genlab_epoch_sums"
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 
@@ -50,10 +55,16 @@ class GenerativeModel(pl.LightningModule):
     """Base class of the AE, VAE and GAN LightningModules.
 
     Subclasses implement ``step(batch, batch_idx, split) -> metrics`` (a dict
-    holding at least the optimised ``loss`` for families that optimise one)
-    and may override ``training_step``.
+    holding at least the optimised ``loss`` for families that optimise one),
+    declare the names it returns in ``metric_names``, and may override
+    ``training_step``.
+
+    Training stops with `TrainingDiverged` as soon as a training metric is
+    NaN or infinite, before anything is saved from the broken weights.
     """
 
+    # What `step` returns, logged as train/<name>, val/<name> and test/<name>.
+    metric_names: tuple[str, ...] = ("loss",)
     prog_bar_metrics: tuple[str, ...] = ("loss",)
     # The pictures `genlab.callbacks.ImageLogger` draws of this family (see its VISUALS).
     visuals: tuple[str, ...] = ()
@@ -67,6 +78,8 @@ class GenerativeModel(pl.LightningModule):
         # Set by genlab.train to the run's resolved config; stored in every
         # checkpoint so a checkpoint alone is enough to rebuild the model.
         self.run_config: dict[str, Any] | None = None
+        self._train_sums: dict[str, Tensor | float] = {}
+        self._train_count = 0
 
     def decode(self, z: Tensor) -> Tensor:
         """Images (pixel means in [0, 1]) decoded or generated from latent codes ``z``."""
@@ -111,11 +124,26 @@ class GenerativeModel(pl.LightningModule):
             total = value.detach().float() * batch_size
             self._train_sums[name] = self._train_sums.get(name, 0.0) + total
         self._train_count += batch_size
+        self._stop_if_diverged(metrics)
         if _writes_step_logs(self.trainer):
             self._log("train", metrics, on_step=True, batch_size=batch_size)
 
+    def _stop_if_diverged(self, metrics: dict[str, Tensor]) -> None:
+        # One host-device sync per step: cheap next to a step, and the only way
+        # to stop before a checkpoint is written from NaN weights.
+        values = torch.stack([v.detach().float() for v in metrics.values()])
+        if bool(torch.isfinite(values).all()):
+            return
+        bad = [
+            f"train/{k}={float(v.detach())}" for k, v in metrics.items() if not v.isfinite().all()
+        ]
+        raise TrainingDiverged(
+            f"Training diverged: {', '.join(bad)} at epoch {self.current_epoch}, "
+            f"step {self.global_step}."
+        )
+
     def on_train_epoch_start(self) -> None:
-        self._train_sums: dict[str, Tensor] = {}
+        self._train_sums = {}
         self._train_count = 0
 
     def on_train_epoch_end(self) -> None:
@@ -161,3 +189,15 @@ class GenerativeModel(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.run_config is not None:
             checkpoint[CONFIG_KEY] = self.run_config
+        checkpoint[_EPOCH_SUMS_KEY] = {
+            "sums": {k: float(v) for k, v in self._train_sums.items()},
+            "count": self._train_count,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # A run resumed mid-epoch does not start the epoch again (no
+        # on_train_epoch_start): carry on with the sums saved with it.
+        saved = checkpoint.get(_EPOCH_SUMS_KEY)
+        if saved is not None:
+            self._train_sums = dict(saved["sums"])
+            self._train_count = saved["count"]

@@ -27,6 +27,7 @@ class GAN(GenerativeModel):
     ``global_step`` (and ``max_steps``) counts twice the number of batches.
     """
 
+    metric_names = ("d_loss", "g_loss", "d_real", "d_fake")
     prog_bar_metrics = ("d_loss", "g_loss")
     visuals = ("samples", "interpolation")
 

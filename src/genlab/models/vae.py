@@ -29,6 +29,7 @@ class VAE(GenerativeModel):
     """Logs ``*/loss``, ``*/neg_elbo``, ``*/recon`` and ``*/kl``: sums over pixels and
     latent dims, averaged over examples, in nats."""
 
+    metric_names = ("loss", "neg_elbo", "recon", "kl")
     visuals = ("recon", "samples", "latent", "manifold", "traversals", "interpolation")
 
     def __init__(
