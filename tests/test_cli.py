@@ -300,6 +300,7 @@ def test_a_run_killed_mid_training_resumes_to_the_end(data_dir, tmp_path):
         "data.eval_batch_size=500",
         "model.net.hidden_dims=[32]",
         "callbacks.last_checkpoint.every_n_train_steps=10",
+        "callbacks.images.projector_points=0",  # its files would be a folder in tensorboard/
         f"hydra.run.dir={run_dir}",
     ]
     env = {**os.environ, "GENLAB_DATA_DIR": str(data_dir)}
