@@ -41,9 +41,10 @@ BINARIZE = ("none", "dynamic", "static")
 # evaluating dynamically binarised runs, so every run sees the same binary data.
 _BINARIZE_SEED = 20140101
 
-# SHA-256 of the official uncompressed IDX files (the published digests of
-# yann.lecun.com's MNIST and zalandoresearch/fashion-mnist, after gunzip), for
-# data.verify=true. Keyed by torchvision's folder name, then file name.
+# SHA-256 of the official IDX files after gunzip, for data.verify=true. The
+# releases publish checksums of their .gz archives only; these digests of the
+# unpacked files are the ones independent public projects pin. Keyed by
+# torchvision's folder name, then file name.
 OFFICIAL_SHA256 = {
     "MNIST": {
         "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
