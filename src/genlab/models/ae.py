@@ -35,7 +35,11 @@ class AE(GenerativeModel):
 
     def forward(self, x: Tensor) -> Tensor:
         """Reconstructions of ``x`` (pixel means in [0, 1])."""
-        return torch.sigmoid(self.decoder(self.encoder(x)))
+        return self.decode(self.encoder(x))
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Images (pixel means in [0, 1]) decoded from codes ``z``."""
+        return torch.sigmoid(self.decoder(z))
 
     def step(self, batch: tuple[Tensor, Tensor], batch_idx: int, split: str) -> dict[str, Tensor]:
         x, _ = batch
