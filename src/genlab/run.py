@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ METRICS_FILE = "metrics.json"
 
 
 # Options that may differ when a run is continued: where things live, how long
-# and on what it trains. Any other change means the checkpoint belongs to
+# and on what it trains, how it is evaluated. Any other change means the checkpoint belongs to
 # another experiment (the optimiser state in it would even override a new lr).
 _FREE_ON_RESUME = (
     "resume",
@@ -37,6 +38,7 @@ _FREE_ON_RESUME = (
     "trainer.",
     "callbacks.",
     "logger.",
+    "eval.",
     "data.data_dir",
     "data.download",
     "data.eval_batch_size",
@@ -127,10 +129,17 @@ def write_metrics(path: Path, metrics: dict[str, Any]) -> None:
 
 def load_model(ckpt_path: str | os.PathLike, map_location: str = "cpu") -> GenerativeModel:
     """Rebuild a trained model from a genlab checkpoint (its run config travels inside it)."""
-    checkpoint = torch.load(ckpt_path, map_location=map_location, weights_only=True)
-    if CONFIG_KEY not in checkpoint:
+    try:
+        checkpoint = torch.load(ckpt_path, map_location=map_location, weights_only=True)
+    except (OSError, RuntimeError, pickle.UnpicklingError) as err:
         raise GenlabError(
-            f"{str(ckpt_path)!r} is not a genlab checkpoint (it holds no run config)."
+            f"{str(ckpt_path)!r} could not be read as a PyTorch checkpoint ({err}). Pass a "
+            f".ckpt file written by genlab-train, e.g. <run dir>/checkpoints/last.ckpt."
+        ) from err
+    if not isinstance(checkpoint, dict) or CONFIG_KEY not in checkpoint:
+        raise GenlabError(
+            f"{str(ckpt_path)!r} is not a genlab checkpoint (it holds no run config). Pass a "
+            f".ckpt file written by genlab-train, e.g. <run dir>/checkpoints/last.ckpt."
         )
     model = instantiate(OmegaConf.create(checkpoint[CONFIG_KEY]).model)
     model.load_state_dict(checkpoint["state_dict"])

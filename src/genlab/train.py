@@ -1,6 +1,6 @@
 """genlab-train: one training run (or a sweep with -m) from the Hydra config in conf/train.yaml.
 
-config -> seed -> data, model, logger, callbacks, trainer -> fit -> test -> metrics.json
+config -> seed -> data, model, logger, callbacks, trainer -> fit -> test [-> eval] -> metrics.json
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pytorch_lightning.callbacks import ProgressBar
 from genlab import run
 from genlab.config import CONF_DIR
 from genlab.errors import user_errors
+from genlab.evaluate import evaluate_model
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "tested_checkpoint": os.path.relpath(tested, output_dir) if tested else "final weights",
         "wall_time_s": round(time.perf_counter() - start, 2),
     }
+    if cfg.eval.after_fit:  # on the tested weights, which trainer.test left in the model
+        metrics.update(evaluate_model(model, cfg.data, cfg.eval, cfg.paths.cache_dir))
     if trainer.is_global_zero:
         run.write_metrics(output_dir / run.METRICS_FILE, metrics)
         log.info("Run directory: %s", output_dir.resolve())
