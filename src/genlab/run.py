@@ -48,7 +48,7 @@ _PACKAGES = (
 
 
 # Options that may differ when a run is continued: where things live, how long
-# and on what it trains. Any other change means the checkpoint belongs to
+# and on what it trains, how it is evaluated. Any other change means the checkpoint belongs to
 # another experiment (the optimiser state in it would even override a new lr).
 _FREE_ON_RESUME = (
     "resume",
@@ -56,6 +56,7 @@ _FREE_ON_RESUME = (
     "trainer.",
     "callbacks.",
     "logger.",
+    "eval.",
     "data.data_dir",
     "data.download",
     "data.eval_batch_size",
@@ -250,10 +251,11 @@ def record_failure(output_dir: Path, cfg: DictConfig, err: BaseException) -> Non
 
 def load_model(ckpt_path: str | os.PathLike, map_location: str = "cpu") -> GenerativeModel:
     """Rebuild a trained model from a genlab checkpoint (its run config travels inside it)."""
-    checkpoint = _read_checkpoint(ckpt_path, "load_model", map_location)
+    checkpoint = _read_checkpoint(ckpt_path, "ckpt_path", map_location)
     if CONFIG_KEY not in checkpoint:
         raise GenlabError(
-            f"{str(ckpt_path)!r} is not a genlab checkpoint (it holds no run config)."
+            f"{str(ckpt_path)!r} is not a genlab checkpoint (it holds no run config). Pass a "
+            f".ckpt file written by genlab-train, e.g. <run dir>/checkpoints/last.ckpt."
         )
     model = instantiate(OmegaConf.create(checkpoint[CONFIG_KEY]).model)
     model.load_state_dict(checkpoint["state_dict"])

@@ -1,6 +1,6 @@
 """genlab-train: one training run (or a sweep with -m) from the Hydra config in conf/train.yaml.
 
-config -> check -> seed -> data, model, logger, callbacks, trainer -> fit -> test -> metrics.json
+config -> check -> seed -> data, model, logger, callbacks, trainer -> fit -> test [-> eval] -> metrics.json
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from genlab import config, run, safety
 from genlab.errors import GenlabError, TrainingDiverged, find_user_error, user_errors
+from genlab.evaluate import evaluate_model
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +126,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "tested_checkpoint": os.path.relpath(tested, output_dir) if tested else "final weights",
         "wall_time_s": round(time.perf_counter() - start, 2),
     }
+    if cfg.eval.after_fit and trainer.is_global_zero:  # on the tested weights trainer.test left
+        metrics.update(evaluate_model(model, cfg.data, cfg.eval, cfg.paths.cache_dir))
     if trainer.is_global_zero:
         run.write_metrics(output_dir / run.METRICS_FILE, metrics)
         log.info("Run directory: %s", output_dir.resolve())

@@ -45,6 +45,7 @@ class AE(GenerativeModel):
         return self.encoder(x)
 
     def decode(self, z: Tensor) -> Tensor:
+        """Images (pixel means in [0, 1]) decoded from codes ``z``."""
         return torch.sigmoid(self.decoder(z))
 
     def step(self, batch: tuple[Tensor, Tensor], batch_idx: int, split: str) -> dict[str, Tensor]:

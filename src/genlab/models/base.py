@@ -30,18 +30,22 @@ OptimizerFactory = Callable[..., torch.optim.Optimizer]
 
 
 def reconstruction_nll(logits: Tensor, x: Tensor, recon_loss: str) -> Tensor:
-    """-log p(x | z) per example, summed over pixels, in nats.
+    """-log p(x | z) per example, summed over pixels (the last three dims), in nats.
 
     ``bce``: Bernoulli decoder on logits (exact for binary data; for grey
     levels it is the usual cross-entropy). ``mse``: Gaussian decoder with mean
     sigmoid(logits) and fixed variance 1/2, i.e. the summed squared error plus
-    a constant, so the optimised term is exactly the squared error.
+    a constant, so the optimised term is exactly the squared error. ``x``
+    broadcasts against ``logits``: logits of shape (B, K, 1, 28, 28) score K
+    decodings of each of B images given as (B, 1, 1, 28, 28).
     """
     if recon_loss == "bce":
-        nll = F.binary_cross_entropy_with_logits(logits, x, reduction="none")
-        return nll.flatten(1).sum(1)
-    squared_error = (torch.sigmoid(logits) - x).pow(2).flatten(1)
-    return squared_error.sum(1) + squared_error.size(1) * _GAUSSIAN_NLL_CONST
+        # -log Bernoulli(x; sigmoid(l)) = softplus(l) - x * l. Summing x * l as an
+        # inner product keeps many decodings of one image cheap (no copies of x).
+        logits, x = logits.flatten(-3), x.flatten(-3)
+        return F.softplus(logits).sum(-1) - torch.einsum("...p,...p->...", logits, x)
+    squared_error = (torch.sigmoid(logits) - x).pow(2).flatten(-3)
+    return squared_error.sum(-1) + squared_error.size(-1) * _GAUSSIAN_NLL_CONST
 
 
 def _writes_step_logs(trainer: pl.Trainer) -> bool:

@@ -47,9 +47,9 @@ class GAN(GenerativeModel):
         return torch.sigmoid(self.generator(z))
 
     @torch.no_grad()
-    def sample(self, n: int) -> Tensor:
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """``n`` generated images from fresh noise."""
-        return self(torch.randn(n, self.latent_dim, device=self.device))
+        return self(torch.randn(n, self.latent_dim, generator=generator, device=self.device))
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x, _ = batch

@@ -3,6 +3,8 @@
 q(z|x) = N(mu(x), diag(sigma(x)^2)), p(z) = N(0, I), p(x|z) Bernoulli on
 logits (recon_loss=bce) or Gaussian (mse). The optimised loss is
 recon + beta * KL; the true bound -ELBO = recon + KL is logged beside it.
+`log_importance_weights` gives the terms of the tighter importance-weighted
+bound (Burda et al., 2016) that evaluation uses to estimate log p(x).
 """
 
 from __future__ import annotations
@@ -18,11 +20,6 @@ from genlab.models.base import (
     reconstruction_nll,
 )
 from genlab.models.nets import MLP, Conv
-
-
-def kl_to_standard_normal(mu: Tensor, logvar: Tensor) -> Tensor:
-    """KL(N(mu, exp(logvar)) || N(0, 1)) for every example and latent dim, in nats."""
-    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)
 
 
 class VAE(GenerativeModel):
@@ -68,13 +65,42 @@ class VAE(GenerativeModel):
         return torch.sigmoid(self.decoder(z))
 
     @torch.no_grad()
-    def sample(self, n: int) -> Tensor:
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """``n`` images (pixel means in [0, 1]) decoded from prior samples."""
-        return self.decode(torch.randn(n, self.latent_dim, device=self.device))
+        return self.decode(torch.randn(n, self.latent_dim, generator=generator, device=self.device))
 
     def rank_latent_dims(self, x: Tensor) -> Tensor:
         """Latent dims by their mean KL on ``x``, largest first: the dims the model uses."""
-        return kl_to_standard_normal(*self.encode(x)).mean(0).argsort(descending=True)
+        return self.kl_per_dim(*self.encode(x)).mean(0).argsort(descending=True)
+
+    @staticmethod
+    def kl_per_dim(mu: Tensor, logvar: Tensor) -> Tensor:
+        """KL(q(z|x) || p(z)) per example and latent dimension, in nats: shape (B, latent_dim)."""
+        return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)
+
+    def elbo_terms(self, x: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
+        """Per example: -log p(x|z) at z = mu + sigma * eps (one sample of q(z|x)),
+        and the KL term per latent dimension; their sums make -ELBO."""
+        mu, logvar = self.encode(x)
+        logits = self.decoder(mu + torch.exp(0.5 * logvar) * eps)
+        return reconstruction_nll(logits, x, self.recon_loss), self.kl_per_dim(mu, logvar)
+
+    def log_importance_weights(
+        self, x: Tensor, k: int, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """log p(x, z) - log q(z|x) for ``k`` samples z ~ q(z|x) of each image: shape (B, k).
+
+        log(mean over k of exp(.)) is a lower bound on log p(x) that tightens
+        as k grows (its expectation at k = 1 is the ELBO).
+        """
+        mu, logvar = self.encode(x)
+        eps = torch.randn(x.size(0), k, self.latent_dim, generator=generator, device=x.device)
+        z = mu.unsqueeze(1) + torch.exp(0.5 * logvar).unsqueeze(1) * eps
+        logits = self.decoder(z.flatten(0, 1)).unflatten(0, (x.size(0), k))
+        log_px_given_z = -reconstruction_nll(logits, x.unsqueeze(1), self.recon_loss)
+        # log N(z; 0, I) - log N(z; mu, sigma^2): the log(2 pi) terms cancel.
+        log_pz_over_qz = 0.5 * (eps.pow(2) - z.pow(2) + logvar.unsqueeze(1)).sum(-1)
+        return log_px_given_z + log_pz_over_qz
 
     def kl_weight(self, epochs_done: float) -> float:
         """beta, ramped linearly from 0 over the first ``kl_warmup_epochs`` epochs of training."""
@@ -84,13 +110,13 @@ class VAE(GenerativeModel):
 
     def step(self, batch: tuple[Tensor, Tensor], batch_idx: int, split: str) -> dict[str, Tensor]:
         x, _ = batch
-        mu, logvar = self.encode(x)
-        std = torch.exp(0.5 * logvar)
-        eps = torch.randn_like(std) if split == "train" else self.eval_noise(std.shape, batch_idx)
-        logits = self.decoder(mu + std * eps)
-
-        recon = reconstruction_nll(logits, x, self.recon_loss).mean()
-        kl = kl_to_standard_normal(mu, logvar).sum(1).mean()
+        shape = (x.size(0), self.latent_dim)
+        if split == "train":
+            eps = torch.randn(shape, device=self.device)
+        else:
+            eps = self.eval_noise(shape, batch_idx)
+        recon, kl = self.elbo_terms(x, eps)
+        recon, kl = recon.mean(), kl.sum(1).mean()
         metrics = {"neg_elbo": recon + kl, "recon": recon, "kl": kl}
         # Validation and test use the target beta so that val/loss compares
         # epochs on one scale (and picks the best checkpoint) during warm-up.

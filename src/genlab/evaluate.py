@@ -1,0 +1,321 @@
+"""genlab-eval: evaluate a checkpoint on the official test set of the data set it was trained on.
+
+checkpoint -> model + the run's data config -> the family's metrics -> table + metrics.json
+
+Which metrics a family gets:
+    VAE  -ELBO, recon, KL (per latent dim too), active units, importance-sampled NLL and
+         bits/dim; linear-probe and k-NN accuracy of its latent means; FID and IS of prior samples
+    AE   reconstruction -log p(x|z) and per-pixel MSE; probe and k-NN; FID and IS of decoded
+         samples of a Gaussian fitted to its training codes
+    GAN  FID and IS (no encoder, no density: likelihood metrics do not apply)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+
+from genlab import metrics, run
+from genlab.config import CONF_DIR
+from genlab.data import _BINARIZE_SEED, binarize_sample
+from genlab.errors import GenlabError, check_choice, user_errors
+from genlab.models import AE, VAE, GenerativeModel
+from genlab.models.base import reconstruction_nll
+
+log = logging.getLogger(__name__)
+
+DEVICES = ("auto", "cpu", "cuda")
+# The data module's fixed Bernoulli sample of its evaluation splits (see genlab.data).
+_EVAL_BINARIZE_SEED = _BINARIZE_SEED + 1
+
+# One line per metric for the printed table (and the README).
+DESCRIPTIONS = {
+    "test/neg_elbo": "-ELBO, nats/image (recon + kl)",
+    "test/recon": "-log p(x|z), nats/image",
+    "test/kl": "KL(q(z|x) || p(z)), nats/image",
+    "test/nll": "-log p(x), importance-sampled, nats/image",
+    "test/bpd": "test/nll in bits per pixel",
+    "test/active_units": "latent dims with Cov_x(E_q[z_d]) > 0.01",
+    "test/mse": "per-pixel squared error of reconstructions",
+    "test/probe_acc": "logistic-regression probe on latent means",
+    "test/knn_acc": "k-nearest-neighbour vote in latent space",
+    "test/fid": "Frechet distance of samples to the test set (classifier features)",
+    "test/fid_train_vs_test": "the same for training images: the floor",
+    "test/is": "Inception-score analogue of samples (max 10)",
+    "test/is_test_set": "the same for the test images: the ceiling",
+}
+_CLASSIFIER_CAVEAT = (
+    "FID and IS use genlab's own {dataset} classifier ({accuracy:.2%} test accuracy), not "
+    "Inception-v3: compare them only with each other, never with FID/IS published for papers."
+)
+
+
+@dataclass
+class EvalData:
+    """The official training and test sets in grey levels, and how the run binarised them."""
+
+    dataset: str
+    binarize: str  # the run's data.binarize
+    train: tuple[Tensor, Tensor]
+    test: tuple[Tensor, Tensor]
+    test_examples: int  # how many test images the metrics use (the first N)
+
+    def inputs(self, split: str, binary: bool) -> Tensor:
+        """Images of ``split`` as a model sees them: grey levels, or the data module's fixed binary sample."""
+        images = self.train[0] if split == "train" else self.test[0]
+        if binary:
+            seed = _BINARIZE_SEED if split == "train" else _EVAL_BINARIZE_SEED
+            images = binarize_sample(images, seed)
+        return images if split == "train" else images[: self.test_examples]
+
+    def labels(self, split: str) -> Tensor:
+        return self.train[1] if split == "train" else self.test[1][: self.test_examples]
+
+
+def load_data(data_cfg: DictConfig, test_examples: int | None, device: torch.device) -> EvalData:
+    """The run's data set, whole: all 60000 training images (no validation split) and the test set."""
+    # One order of the training images for every run, so that the classifier
+    # trained on first use and the training images FID compares do not depend on the run.
+    datamodule = instantiate(data_cfg, binarize="none", val_size=0, split_seed=0)
+    datamodule.setup()
+    train = tuple(t.to(device) for t in datamodule.splits["train"])
+    test = tuple(t.to(device) for t in datamodule.splits["test"])
+    n_test = len(test[0]) if test_examples is None else min(test_examples, len(test[0]))
+    return EvalData(data_cfg.dataset, data_cfg.binarize, train, test, n_test)
+
+
+def check_options(options: DictConfig) -> None:
+    """Refuse settings that cannot work, naming the option."""
+    check_choice("eval.device", options.device, DEVICES)
+    minimum = {
+        "nll_samples": 1,
+        "num_samples": 2,
+        "batch_size": 1,
+        "knn_k": 1,
+    }
+    for name, least in minimum.items():
+        if int(options[name]) < least:
+            raise GenlabError(f"eval.{name}={options[name]} must be at least {least}.")
+    if options.test_examples is not None and int(options.test_examples) < 2:
+        raise GenlabError(
+            f"eval.test_examples={options.test_examples} must be null (the whole test set) or at least 2."
+        )
+    if float(options.classifier_epochs) <= 0:
+        raise GenlabError(
+            f"eval.classifier_epochs={options.classifier_epochs} must be positive "
+            f"(fractions train on part of one epoch)."
+        )
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise GenlabError("eval.device=cuda, but no CUDA GPU is available; use auto or cpu.")
+    return torch.device(name)
+
+
+def _likelihood_binary(model: VAE, data: EvalData) -> bool:
+    # A Bernoulli decoder's -log p(x|z) is a likelihood in nats only for binary x;
+    # a Gaussian decoder (mse) scores grey levels as they are.
+    return model.recon_loss == "bce" or data.binarize != "none"
+
+
+@torch.no_grad()
+def _codes(model: VAE | AE, images: Tensor, batch_size: int) -> Tensor:
+    """Latent means (VAE) or codes (AE) of ``images``."""
+    encode = (lambda x: model.encode(x)[0]) if isinstance(model, VAE) else model.encoder
+    return torch.cat([encode(x) for x in images.split(batch_size)])
+
+
+def _vae_metrics(
+    vae: VAE, data: EvalData, options: DictConfig, generator: torch.Generator
+) -> dict[str, Any]:
+    images = data.inputs("test", binary=_likelihood_binary(vae, data))
+    recon, kl = metrics.elbo_terms(vae, images, options.batch_size, generator)
+    nll = metrics.importance_sampled_nll(
+        vae, images, options.nll_samples, options.batch_size, generator
+    )
+    kl_per_dim = kl.mean(0)
+    return {
+        "test/neg_elbo": (recon + kl.sum(1)).mean().item(),
+        "test/recon": recon.mean().item(),
+        "test/kl": kl_per_dim.sum().item(),
+        "test/nll": nll.mean().item(),
+        "test/bpd": metrics.bits_per_dim(nll.mean().item()),
+        "test/active_units": metrics.active_units(_codes(vae, images, options.batch_size)),
+        "test/kl_per_dim": [round(v, 4) for v in kl_per_dim.tolist()],
+        "binarize": "static" if _likelihood_binary(vae, data) else "none",
+        "nll_samples": options.nll_samples,
+    }
+
+
+@torch.no_grad()
+def _ae_metrics(ae: AE, data: EvalData, options: DictConfig) -> dict[str, Any]:
+    binary = data.binarize != "none"
+    images = data.inputs("test", binary=binary)
+    recon, mse = [], []
+    for x in images.split(options.batch_size):
+        logits = ae.decoder(ae.encoder(x))
+        recon.append(reconstruction_nll(logits, x, ae.recon_loss))
+        mse.append((torch.sigmoid(logits) - x).pow(2).flatten(1).mean(1))
+    return {
+        "test/recon": torch.cat(recon).mean().item(),
+        "test/mse": torch.cat(mse).mean().item(),
+        "binarize": "static" if binary else "none",
+    }
+
+
+def _code_metrics(
+    model: VAE | AE, data: EvalData, options: DictConfig
+) -> tuple[dict[str, float], Tensor]:
+    """Probe and k-NN accuracy of the codes; also returns the training codes."""
+    binary = data.binarize != "none"  # the images as the model was trained on them
+    train_codes = _codes(model, data.inputs("train", binary), options.batch_size)
+    test_codes = _codes(model, data.inputs("test", binary), options.batch_size)
+    args = (train_codes, data.labels("train"), test_codes, data.labels("test"))
+    return {
+        "test/probe_acc": metrics.linear_probe_accuracy(*args),
+        "test/knn_acc": metrics.knn_accuracy(*args, k=options.knn_k),
+    }, train_codes
+
+
+@torch.no_grad()
+def _samples(
+    model: GenerativeModel, n: int, generator: torch.Generator, train_codes: Tensor | None
+) -> Tensor:
+    """``n`` generated images: prior samples (VAE, GAN), or for an AE decoded
+    samples of a Gaussian fitted to its training codes."""
+    if not isinstance(model, AE):
+        return model.sample(n, generator=generator)
+    mean, cov = train_codes.mean(0), train_codes.T.cov()
+    jitter = 1e-6 * torch.eye(len(mean), device=mean.device)
+    chol = torch.linalg.cholesky(cov + jitter)
+    eps = torch.randn(n, len(mean), generator=generator, device=mean.device)
+    return model.decode(mean + eps @ chol.T)
+
+
+def _generation_metrics(
+    samples: Tensor, data: EvalData, options: DictConfig, cache_dir: Path
+) -> dict[str, Any]:
+    batch_size = options.batch_size
+    classifier, accuracy, path = metrics.cached_classifier(
+        cache_dir, data.dataset, options.classifier_epochs, data.train, data.test, batch_size
+    )
+    test_images = data.inputs("test", binary=False)
+    fid = metrics.ClassifierFID(classifier, test_images, batch_size)
+    return {
+        "test/fid": fid(samples),
+        "test/fid_train_vs_test": fid(data.train[0][: len(samples)]),
+        "test/is": metrics.inception_score(classifier.logits(samples, batch_size)),
+        "test/is_test_set": metrics.inception_score(classifier.logits(test_images, batch_size)),
+        "num_samples": len(samples),
+        "classifier_accuracy": accuracy,
+        "classifier_file": str(path),
+    }
+
+
+def evaluate_model(
+    model: GenerativeModel, data_cfg: DictConfig, options: DictConfig, cache_dir: str
+) -> dict[str, Any]:
+    """Evaluate ``model`` on the test set of the data ``data_cfg`` describes, as
+    ``options`` (an ``eval:`` config mapping) says; returns the metrics."""
+    start = time.perf_counter()
+    check_options(options)
+    device = _device(options.device)
+    model = model.to(device).eval()
+    data = load_data(data_cfg, options.test_examples, device)
+    generator = torch.Generator(device=device).manual_seed(options.seed)
+
+    results: dict[str, Any] = {"model": type(model).__name__, "dataset": data.dataset}
+    train_codes = None
+    if isinstance(model, VAE):
+        results.update(_vae_metrics(model, data, options, generator))
+    if isinstance(model, AE):
+        results.update(_ae_metrics(model, data, options))
+    if isinstance(model, (VAE, AE)):
+        code_metrics, train_codes = _code_metrics(model, data, options)
+        results.update(code_metrics)
+    if options.fid:
+        samples = _samples(model, options.num_samples, generator, train_codes)
+        results.update(_generation_metrics(samples, data, options, Path(cache_dir).expanduser()))
+    results.update(
+        {
+            "test_examples": data.test_examples,
+            "train_binarize": data.binarize,
+            "eval_seed": options.seed,
+            "eval_wall_time_s": round(time.perf_counter() - start, 2),
+        }
+    )
+    return results
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """The metrics as aligned lines, with what each means and the caveats that apply."""
+    lines = [f"{results['model']} on {results['dataset']}, {results['test_examples']} test images"]
+    for key, meaning in DESCRIPTIONS.items():
+        if key in results:
+            lines.append(f"  {key:<24}{results[key]:>10.4g}   {meaning}")
+    if "test/nll" in results:
+        lines.append(f"  (test/nll with K = {results['nll_samples']} importance samples)")
+    if results.get("binarize") == "static" and results["train_binarize"] == "none":
+        lines.append(
+            "  Trained on grey levels: the nats metrics use the fixed binary sample of the test "
+            "set (binarize=static in metrics.json)."
+        )
+    if results["model"] == "GAN":
+        lines.append(
+            "  A GAN has no encoder and no density: likelihood (nats) metrics do not apply."
+        )
+    if "classifier_accuracy" in results:
+        accuracy = results["classifier_accuracy"]
+        lines.append(
+            "  " + _CLASSIFIER_CAVEAT.format(dataset=results["dataset"], accuracy=accuracy)
+        )
+    return "\n".join(lines)
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """genlab-eval's work: load ``cfg.ckpt_path``, evaluate it, write metrics.json."""
+    if cfg.ckpt_path is None:
+        raise GenlabError(
+            "ckpt_path is required: genlab-eval ckpt_path=<run dir>/checkpoints/last.ckpt"
+        )
+    if not Path(cfg.ckpt_path).is_file():
+        raise GenlabError(
+            f"ckpt_path={cfg.ckpt_path!r} is not a file. Pass a checkpoint written by "
+            f"genlab-train, e.g. ckpt_path=<run dir>/checkpoints/last.ckpt."
+        )
+    model = run.load_model(cfg.ckpt_path)
+    run_cfg = OmegaConf.create(model.run_config)
+    if cfg.data.data_dir is not None:
+        run_cfg.data.data_dir = cfg.data.data_dir
+    results = {
+        "checkpoint": str(Path(cfg.ckpt_path).resolve()),
+        **evaluate_model(model, run_cfg.data, cfg.eval, cfg.paths.cache_dir),
+    }
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)  # Hydra makes it, a caller of evaluate() may not
+    run.write_metrics(output_dir / run.METRICS_FILE, results)
+    log.info("%s\nWritten to %s", format_table(results), output_dir / run.METRICS_FILE)
+    return results
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="eval", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    """Console entry point ``genlab-eval``."""
+    with user_errors():
+        evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+"""genlab-eval and eval.after_fit: checkpoints of every family evaluated on the real test sets."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from omegaconf import OmegaConf
+
+from conftest import FAST_EVAL
+from genlab import run
+from genlab.config import CONF_DIR, compose_config
+from genlab.errors import GenlabError
+from genlab.evaluate import evaluate, evaluate_model
+from genlab.train import train
+
+NATS_METRICS = {"test/neg_elbo", "test/recon", "test/kl", "test/nll", "test/bpd"}
+GENERATION_METRICS = {"test/fid", "test/fid_train_vs_test", "test/is", "test/is_test_set"}
+CODE_METRICS = {"test/probe_acc", "test/knn_acc"}
+
+
+def genlab_eval(*args: str, data_dir: Path, cwd: Path) -> subprocess.CompletedProcess:
+    exe = shutil.which("genlab-eval", path=str(Path(sys.executable).parent))
+    assert exe, "genlab-eval is not installed: pip install -e '.[dev]'"
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    env["GENLAB_DATA_DIR"] = str(data_dir)
+    return subprocess.run(
+        [exe, *args], check=False, cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def eval_cfg(ckpt_path, out_dir: Path, cache_dir: Path, *overrides: str):
+    return compose_config(
+        [
+            *FAST_EVAL,
+            f"ckpt_path={ckpt_path}",
+            f"paths.output_dir={out_dir}",
+            f"paths.cache_dir={cache_dir}",
+            *overrides,
+        ],
+        config_name="eval",
+    )
+
+
+def test_genlab_eval_writes_the_metrics_of_a_vae_checkpoint(
+    vae_checkpoint, cache_dir, data_dir, tmp_path
+):
+    out_dir = tmp_path / "eval"
+    result = genlab_eval(
+        f"ckpt_path={vae_checkpoint}",
+        f"hydra.run.dir={out_dir}",
+        f"paths.cache_dir={cache_dir}",
+        *FAST_EVAL,
+        data_dir=data_dir,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    assert NATS_METRICS | CODE_METRICS | GENERATION_METRICS <= metrics.keys()
+    assert metrics["test/nll"] <= metrics["test/neg_elbo"] + 0.5
+    assert metrics["test/neg_elbo"] - metrics["test/nll"] < 20
+    assert metrics["test/neg_elbo"] == pytest.approx(metrics["test/recon"] + metrics["test/kl"])
+    assert len(metrics["test/kl_per_dim"]) == 8 and 0 <= metrics["test/active_units"] <= 8
+    # Trained on grey levels: the likelihood is measured on the fixed binary sample.
+    assert metrics["binarize"] == "static" and metrics["train_binarize"] == "none"
+    assert metrics["test_examples"] == 500 and metrics["nll_samples"] == 100
+    assert 0.1 < metrics["test/probe_acc"] <= 1 and 0.1 < metrics["test/knn_acc"] <= 1
+    assert metrics["test/fid"] > metrics["test/fid_train_vs_test"] > 0
+    assert 1 <= metrics["test/is"] <= 10
+    assert metrics["classifier_file"].startswith(str(cache_dir))
+    # The table on the console says what the numbers are not.
+    assert "never with FID/IS published for papers" in result.stderr + result.stdout
+
+
+def test_the_same_checkpoint_and_seed_give_the_same_numbers(vae_checkpoint, cache_dir, tmp_path):
+    cfg = eval_cfg(vae_checkpoint, tmp_path / "a", cache_dir, "eval.fid=false")
+    first, again = evaluate(cfg), evaluate(cfg)
+    other = evaluate(
+        eval_cfg(vae_checkpoint, tmp_path / "b", cache_dir, "eval.fid=false", "eval.seed=1")
+    )
+    timings = {"eval_wall_time_s"}
+    assert {k: v for k, v in first.items() if k not in timings} == {
+        k: v for k, v in again.items() if k not in timings
+    }
+    assert other["test/nll"] != first["test/nll"]
+    assert other["test/nll"] == pytest.approx(first["test/nll"], abs=2.0)
+
+
+@pytest.mark.parametrize(
+    ("family", "expected", "absent"),
+    [
+        ("gan", GENERATION_METRICS, NATS_METRICS | CODE_METRICS | {"binarize"}),
+        ("ae", {"test/recon", "test/mse"} | CODE_METRICS | GENERATION_METRICS, {"test/nll"}),
+    ],
+)
+def test_each_family_gets_the_metrics_that_apply_to_it(
+    make_cfg, cache_dir, tmp_path, family, expected, absent
+):
+    train(make_cfg(f"model={family}"))
+    cfg = eval_cfg(tmp_path / "run" / "checkpoints" / "last.ckpt", tmp_path / "eval", cache_dir)
+    metrics = evaluate(cfg)
+    assert expected <= metrics.keys()
+    assert not absent & metrics.keys()
+    assert metrics["model"] == family.upper() and metrics["dataset"] == "mnist"
+    if family == "ae":
+        assert 0 < metrics["test/mse"] < 0.25 < metrics["test/recon"]
+
+
+def test_after_fit_merges_the_evaluation_into_the_runs_metrics(make_cfg, cache_dir, tmp_path):
+    metrics = train(
+        make_cfg("model=vae", "eval.after_fit=true", *FAST_EVAL, f"paths.cache_dir={cache_dir}")
+    )
+    written = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert written == metrics
+    assert {"test/nll", "test/fid", "test/probe_acc", "binarize"} <= written.keys()
+    assert written["status"] == "completed" and written["test/nll"] < written["test/neg_elbo"]
+
+
+def test_train_and_eval_configs_offer_the_same_evaluation_options():
+    train_eval = yaml.safe_load((CONF_DIR / "train.yaml").read_text())["eval"]
+    eval_eval = yaml.safe_load((CONF_DIR / "eval.yaml").read_text())["eval"]
+    assert train_eval.pop("after_fit") is False
+    assert train_eval.keys() == eval_eval.keys()
+
+
+def test_the_cache_defaults_to_the_users_cache_folder(monkeypatch):
+    monkeypatch.delenv("GENLAB_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", "/somewhere/cache")
+    cfg = compose_config(config_name="eval")
+    assert OmegaConf.select(cfg, "paths.cache_dir") == "/somewhere/cache/genlab"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert compose_config(config_name="eval").paths.cache_dir == "~/.cache/genlab"
+    monkeypatch.setenv("GENLAB_CACHE_DIR", "/mine")
+    assert compose_config(config_name="train").paths.cache_dir == "/mine"
+
+
+def test_a_missing_checkpoint_is_one_clear_paragraph_without_a_traceback(data_dir, tmp_path):
+    result = genlab_eval(
+        f"ckpt_path={tmp_path / 'nope.ckpt'}",
+        f"hydra.run.dir={tmp_path / 'eval'}",
+        data_dir=data_dir,
+        cwd=tmp_path,
+    )
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr + result.stdout
+    (error,) = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert "ckpt_path=" in error and "nope.ckpt" in error and "last.ckpt" in error
+
+
+def test_checkpoints_of_the_wrong_kind_are_refused_by_name(cache_dir, tmp_path):
+    text = tmp_path / "notes.ckpt"
+    text.write_text("not a checkpoint\n")
+    classifier = next(cache_dir.glob("classifier-*.pt"))  # a torch file, but no genlab run
+    cases = [(None, "ckpt_path is required"), (text, "could not be read"), (classifier, "genlab")]
+    for path, message in cases:
+        with pytest.raises(GenlabError, match=message):
+            evaluate(eval_cfg("null" if path is None else path, tmp_path / "eval", cache_dir))
+
+
+def test_bad_evaluation_options_name_the_option(vae_checkpoint, cache_dir, tmp_path):
+    model = run.load_model(vae_checkpoint)
+    data = OmegaConf.create(model.run_config).data
+    for override, option in [
+        ("eval.nll_samples=0", "eval.nll_samples"),
+        ("eval.device=tpu", "eval.device"),
+        ("eval.classifier_epochs=0", "eval.classifier_epochs"),
+        ("eval.test_examples=1", "eval.test_examples"),
+    ]:
+        options = eval_cfg(vae_checkpoint, tmp_path, cache_dir, override).eval
+        with pytest.raises(GenlabError, match=option):
+            evaluate_model(model, data, options, str(cache_dir))
