@@ -88,7 +88,9 @@ def test_every_problem_is_reported_at_once():
         "callbacks.model_checkpoint.monitor=val/neg_elbo callbacks.progress_bar=null",
         "logger=csv callbacks.last_checkpoint.every_n_train_steps=100 resume=last",
         # Keys genlab does not define stay free: other objects' arguments, new sections.
-        "++logger.flush_secs=5 +eval.after_fit=true +paths.cache_dir=/tmp/cache",
+        "++logger.flush_secs=5 +notes.purpose=baseline +paths.scratch_dir=/tmp/scratch",
+        "eval.after_fit=true eval.nll_samples=10 paths.cache_dir=/tmp/cache objective=val/loss",
+        "trainer=ddp trainer.accelerator=cpu callbacks.images.every_n_epochs=0 +sweep=latent_beta",
     ],
 )
 def test_valid_configs_pass(overrides):
