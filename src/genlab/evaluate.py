@@ -265,6 +265,9 @@ def format_table(results: dict[str, Any]) -> str:
     for key, meaning in DESCRIPTIONS.items():
         if key in results:
             lines.append(f"  {key:<24}{results[key]:>10.4g}   {meaning}")
+    if "test/kl_per_dim" in results:
+        per_dim = " ".join(f"{v:.2f}" for v in results["test/kl_per_dim"])
+        lines.append(f"  KL per latent dim: {per_dim}")
     if "test/nll" in results:
         lines.append(f"  (test/nll with K = {results['nll_samples']} importance samples)")
     if results.get("binarize") == "static" and results["train_binarize"] == "none":

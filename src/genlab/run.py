@@ -48,7 +48,7 @@ _PACKAGES = (
 
 
 # Options that may differ when a run is continued: where things live, how long
-# and on what it trains, how it is evaluated. Any other change means the checkpoint belongs to
+# and on what it trains. Any other change means the checkpoint belongs to
 # another experiment (the optimiser state in it would even override a new lr).
 _FREE_ON_RESUME = (
     "resume",
