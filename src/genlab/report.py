@@ -196,6 +196,16 @@ def _figure(width: float, height: float) -> Any:
     return figure
 
 
+def _finish(ax: Any, path: Path, xlabel: str, ylabel: str, title: str) -> None:
+    """Label a line plot, add its legend and grid, and save its figure."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.figure.savefig(path)
+
+
 def _short(job: Job, keys: list[str]) -> str:
     """A job's swept values, short enough for a plot label: latent_dim=2 beta=0.5."""
     return " ".join(f"{key.rsplit('.', 1)[-1]}={job.overrides.get(key, '')}" for key in keys)
@@ -224,12 +234,13 @@ def plot_rate_distortion(jobs: list[Job], path: Path) -> bool:
                 xytext=(3, 3),
                 textcoords="offset points",
             )
-    ax.set_xlabel("rate: test KL(q(z|x) || p(z)) (nats)")
-    ax.set_ylabel("distortion: test -log p(x|z) (nats)")
-    ax.set_title("Rate against distortion on the test set (points labelled by beta)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    figure.savefig(path)
+    _finish(
+        ax,
+        path,
+        "rate: test KL(q(z|x) || p(z)) (nats)",
+        "distortion: test -log p(x|z) (nats)",
+        "Rate against distortion on the test set (points labelled by beta)",
+    )
     return True
 
 
@@ -258,12 +269,13 @@ def plot_metric_vs_latent_dim(jobs: list[Job], path: Path) -> bool:
     ax.set_xticks(
         sorted({r[1] for r in rows}), labels=[str(d) for d in sorted({r[1] for r in rows})]
     )
-    ax.set_xlabel("latent_dim")
-    ax.set_ylabel("test nats per image (lower is better)")
-    ax.set_title("Test -ELBO against latent size")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    figure.savefig(path)
+    _finish(
+        ax,
+        path,
+        "latent_dim",
+        "test nats per image (lower is better)",
+        "Test -ELBO against latent size",
+    )
     return True
 
 
