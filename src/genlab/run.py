@@ -120,6 +120,8 @@ def _read_checkpoint(
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # truncated, not a torch file, or holding arbitrary objects
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "weights_only" in reason:  # torch's advice to unpickle arbitrary code: never needed here
+            reason = f"{type(err).__name__}: not a file of tensors and plain data"
         raise GenlabError(
             f"{option}: {str(path)!r} is not a readable checkpoint ({reason}). Point it at a .ckpt "
             f"file that genlab-train wrote."
