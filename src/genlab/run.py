@@ -133,8 +133,9 @@ def load_model(ckpt_path: str | os.PathLike, map_location: str = "cpu") -> Gener
         checkpoint = torch.load(ckpt_path, map_location=map_location, weights_only=True)
     except (OSError, RuntimeError, pickle.UnpicklingError) as err:
         raise GenlabError(
-            f"{str(ckpt_path)!r} could not be read as a PyTorch checkpoint ({err}). Pass a "
-            f".ckpt file written by genlab-train, e.g. <run dir>/checkpoints/last.ckpt."
+            # torch's own message suggests weights_only=False, which genlab never needs.
+            f"{str(ckpt_path)!r} could not be read as a PyTorch checkpoint ({type(err).__name__})."
+            f" Pass a .ckpt file written by genlab-train, e.g. <run dir>/checkpoints/last.ckpt."
         ) from err
     if not isinstance(checkpoint, dict) or CONFIG_KEY not in checkpoint:
         raise GenlabError(
