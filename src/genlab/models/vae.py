@@ -90,8 +90,8 @@ class VAE(GenerativeModel):
     ) -> Tensor:
         """log p(x, z) - log q(z|x) for ``k`` samples z ~ q(z|x) of each image: shape (B, k).
 
-        log(mean over k of exp(.)) is a lower bound on log p(x) that tightens
-        as k grows (its expectation at k = 1 is the ELBO).
+        log(mean over k of exp(.)) is, in expectation, a lower bound on log p(x)
+        that tightens as k grows (at k = 1 its expectation is the ELBO).
         """
         mu, logvar = self.encode(x)
         eps = torch.randn(x.size(0), k, self.latent_dim, generator=generator, device=x.device)
