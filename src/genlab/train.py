@@ -157,6 +157,10 @@ def _stopped(
     return metrics
 
 
+# Exit codes of runs that stopped early (metrics.json says which): 130 is the shell's code for Ctrl-C.
+_EXIT_CODES = {"interrupted": 130, "diverged": 1}
+
+
 def _in_sweep() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
@@ -189,7 +193,8 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     if not _in_sweep():
         with user_errors():
             metrics = train(cfg)
-        _exit_if_stopped(metrics["status"])
+        if metrics["status"] in _EXIT_CODES:
+            raise SystemExit(_EXIT_CODES[metrics["status"]])
         return _objective(cfg, metrics)
     with user_errors():
         _refuse_local_ddp_sweep(cfg)
@@ -206,16 +211,9 @@ def _hydra_main(cfg: DictConfig) -> float | None:
             log.exception("Job failed")
         run.record_failure(Path(cfg.paths.output_dir), cfg, user_error or err)
         return _objective(cfg, {})
-    if metrics["status"] == "interrupted":
-        _exit_if_stopped(metrics["status"])  # Ctrl-C stops the whole sweep
+    if metrics["status"] == "interrupted":  # Ctrl-C stops the whole sweep
+        raise SystemExit(_EXIT_CODES["interrupted"])
     return _objective(cfg, metrics)
-
-
-def _exit_if_stopped(status: str) -> None:
-    if status == "interrupted":
-        raise SystemExit(130)  # the shell's code for Ctrl-C
-    if status == "diverged":
-        raise SystemExit(1)
 
 
 def _objective(cfg: DictConfig, metrics: dict[str, Any]) -> float | None:
