@@ -11,8 +11,8 @@ from torch.distributions import Bernoulli, Normal, kl_divergence
 
 from genlab.errors import GenlabError
 from genlab.models import AE, GAN, VAE
-from genlab.models.base import reconstruction_nll
-from genlab.models.nets import MLP, Conv
+from genlab.models.base import reconstruction_nll, softplus_sum
+from genlab.models.nets import MLP, Conv, decode_cloud
 
 ADAM = partial(torch.optim.Adam, lr=1e-3)
 NETS = [MLP([64, 32]), MLP([16]), Conv([8, 16]), Conv([8]), Conv([4, 8, 8])]
@@ -63,6 +63,41 @@ def test_reconstruction_nll_is_a_log_likelihood_in_nats():
     torch.testing.assert_close(reconstruction_nll(logits, x, "bce"), bernoulli)
     gaussian = -Normal(torch.sigmoid(logits), math.sqrt(0.5)).log_prob(x).flatten(1).sum(1)
     torch.testing.assert_close(reconstruction_nll(logits, x, "mse"), gaussian)
+
+
+def test_softplus_sum_matches_softplus_over_the_whole_float_range():
+    torch.manual_seed(0)
+    logits = torch.cat([torch.randn(50, 784) * 5, torch.randn(50, 784) * 100 - 50])
+    expected = torch.nn.functional.softplus(logits.double()).sum(-1)
+    torch.testing.assert_close(softplus_sum(logits).double(), expected, rtol=1e-6, atol=1e-3)
+    # Half precision logits are summed in float32; other widths take the plain route.
+    torch.testing.assert_close(
+        softplus_sum(logits.bfloat16()).double(),
+        torch.nn.functional.softplus(logits.bfloat16().double()).sum(-1),
+        rtol=1e-6,
+        atol=1e-3,
+    )
+    narrow = logits[:, :100]
+    torch.testing.assert_close(
+        softplus_sum(narrow).double(),
+        torch.nn.functional.softplus(narrow.double()).sum(-1),
+        rtol=1e-6,
+        atol=1e-3,
+    )
+
+
+@pytest.mark.parametrize(
+    "net",
+    [MLP([32]), MLP([64, 32]), MLP([32], "leaky_relu"), MLP([32], "tanh"), Conv([8, 16])],
+    ids=["relu", "deeper", "leaky_relu", "tanh", "conv"],
+)
+@pytest.mark.parametrize("spread", [0.01, 0.1, 3.0])
+def test_decode_cloud_equals_the_decoder(net, spread):
+    torch.manual_seed(0)
+    decoder = net.decoder(2)
+    z = torch.randn(2) + spread * torch.randn(500, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(decode_cloud(decoder, z), decoder(z), rtol=1e-4, atol=1e-5)
 
 
 def test_kl_warmup_ramps_linearly_to_beta():

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance
+from tqdm.auto import tqdm
 
 from genlab.models import VAE
 from genlab.models.nets import IMAGE_PIXELS
@@ -66,12 +67,15 @@ def importance_sampled_nll(
     per_step = min(k, batch_size)
     images_per_step = max(1, batch_size // k)
     nll = []
-    for x in images.split(images_per_step):
-        log_sum = torch.full((x.size(0),), -math.inf, device=x.device)
-        for done in range(0, k, per_step):
-            log_w = vae.log_importance_weights(x, min(per_step, k - done), generator)
-            log_sum = torch.logaddexp(log_sum, log_w.logsumexp(1))
-        nll.append(math.log(k) - log_sum)
+    # At K = 5000 this takes minutes: show progress on a terminal (tqdm is off elsewhere).
+    with tqdm(total=images.size(0), desc=f"test/nll, K={k}", unit="image", disable=None) as bar:
+        for x in images.split(images_per_step):
+            log_sum = torch.full((x.size(0),), -math.inf, device=x.device)
+            for done in range(0, k, per_step):
+                log_w = vae.log_importance_weights(x, min(per_step, k - done), generator)
+                log_sum = torch.logaddexp(log_sum, log_w.logsumexp(1))
+            nll.append(math.log(k) - log_sum)
+            bar.update(x.size(0))
     return torch.cat(nll)
 
 

@@ -27,7 +27,7 @@ from pytorch_lightning.callbacks import ProgressBar
 from pytorch_lightning.plugins.environments import SLURMEnvironment
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from genlab import config, run, safety
+from genlab import config, memory, run, safety
 from genlab.errors import GenlabError, TrainingDiverged, find_user_error, user_errors
 from genlab.evaluate import evaluate_model
 
@@ -189,6 +189,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     optimise it, e.g. Optuna), NaN for a job that failed or does not report it.
     """
     _quiet_third_party_noise()
+    memory.keep_freed_memory()
     log.info("torch CPU threads: %d", torch.get_num_threads())
     if not _in_sweep():
         with user_errors():

@@ -29,6 +29,28 @@ _EPOCH_SUMS_KEY = "genlab_epoch_sums"
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 
 
+# softplus_sum multiplies this many factors in [1/2, 1): at least 2^-112, inside float32's range.
+_PRODUCT_GROUP = 112
+
+
+@torch.no_grad()
+def softplus_sum(logits: Tensor) -> Tensor:
+    """``F.softplus(logits).sum(-1)`` at about half the cost, for evaluation (no autograd).
+
+    softplus(l) = max(l, 0) - log(sigmoid(|l|)), and the logs of a group of
+    sigmoids are taken once, as the log of their product. The importance-
+    sampled likelihood spends most of its time here: 784 pixels times
+    thousands of samples per image.
+    """
+    if logits.size(-1) % _PRODUCT_GROUP:
+        return F.softplus(logits).sum(-1)
+    logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    factors = logits.abs()
+    relu_sum = (logits.sum(-1) + factors.sum(-1)) * 0.5
+    log_products = factors.sigmoid_().unflatten(-1, (-1, _PRODUCT_GROUP)).prod(-1).log_()
+    return relu_sum - log_products.sum(-1)
+
+
 def reconstruction_nll(logits: Tensor, x: Tensor, recon_loss: str) -> Tensor:
     """-log p(x | z) per example, summed over pixels (the last three dims), in nats.
 
@@ -43,7 +65,8 @@ def reconstruction_nll(logits: Tensor, x: Tensor, recon_loss: str) -> Tensor:
         # -log Bernoulli(x; sigmoid(l)) = softplus(l) - x * l. Summing x * l as an
         # inner product keeps many decodings of one image cheap (no copies of x).
         logits, x = logits.flatten(-3), x.flatten(-3)
-        return F.softplus(logits).sum(-1) - torch.einsum("...p,...p->...", logits, x)
+        softplus = F.softplus(logits).sum(-1) if logits.requires_grad else softplus_sum(logits)
+        return softplus - torch.einsum("...p,...p->...", logits, x)
     squared_error = (torch.sigmoid(logits) - x).pow(2).flatten(-3)
     return squared_error.sum(-1) + squared_error.size(-1) * _GAUSSIAN_NLL_CONST
 

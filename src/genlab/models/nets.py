@@ -11,7 +11,8 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from genlab.errors import GenlabError, check_choice
 
@@ -117,3 +118,56 @@ class Conv(_Net):
             if i < len(strides) - 1:
                 layers.append(_activation(self.activation))
         return nn.Sequential(*layers)
+
+
+def _negative_slope(module: nn.Module) -> float | None:
+    """Slope below zero of an activation that is linear on each side of zero, else None."""
+    if isinstance(module, nn.ReLU):
+        return 0.0
+    if isinstance(module, nn.LeakyReLU):
+        return float(module.negative_slope)
+    return None
+
+
+def decode_cloud(decoder: nn.Module, z: Tensor) -> Tensor:
+    """``decoder(z)`` for a tight cloud of codes ``z`` (N, latent_dim), e.g. many
+    samples of one image's posterior, computed with far fewer flops.
+
+    When the decoder opens with Linear -> ReLU (or LeakyReLU) -> Linear, every
+    hidden unit that keeps one side of zero over the whole cloud is linear in
+    z there, so all such units fold into one (out x latent_dim) matrix. Only
+    the units that switch sign inside the cloud are evaluated per code. For
+    the seed VAE's posteriors that is about 30 of 256 units, so the big
+    matmul shrinks about sevenfold. The result equals ``decoder(z)`` up to
+    float rounding; decoders of any other shape are simply called.
+    """
+    layers = list(decoder) if isinstance(decoder, nn.Sequential) else []
+    if len(layers) < 3 or not (
+        isinstance(layers[0], nn.Linear) and isinstance(layers[2], nn.Linear)
+    ):
+        return decoder(z)
+    first, second = layers[0], layers[2]
+    slope = _negative_slope(layers[1])
+    if slope is None or first.bias is None or second.bias is None:
+        return decoder(z)
+    # Hidden units as rows, so that the reductions over the cloud run along memory.
+    pre = torch.addmm(first.bias.unsqueeze(1), first.weight, z.T)
+    always_on = pre.amin(dim=1) > 0  # (aminmax is ten times slower than these two)
+    switching = (pre.amax(dim=1) > 0) & ~always_on
+    # Slope of each fixed unit over the cloud: 1 if always on, `slope` if always off.
+    fixed_slope = torch.where(always_on, 1.0, slope).masked_fill(switching, 0.0)
+    w_fixed = second.weight * fixed_slope  # (out, hidden)
+    # One matmul, with the bias as a column of the weight (saves a pass over the output).
+    weight = torch.cat(
+        [
+            w_fixed @ first.weight,
+            (w_fixed @ first.bias + second.bias).unsqueeze(1),
+            second.weight[:, switching],
+        ],
+        dim=1,
+    )
+    features = torch.cat([z.T, z.new_ones(1, z.size(0)), layers[1](pre[switching])])
+    out = features.T @ weight.T
+    for layer in layers[3:]:
+        out = layer(out)
+    return out

@@ -19,7 +19,7 @@ from genlab.models.base import (
     OptimizerFactory,
     reconstruction_nll,
 )
-from genlab.models.nets import MLP, Conv
+from genlab.models.nets import MLP, Conv, decode_cloud
 
 
 class VAE(GenerativeModel):
@@ -96,8 +96,13 @@ class VAE(GenerativeModel):
         mu, logvar = self.encode(x)
         eps = torch.randn(x.size(0), k, self.latent_dim, generator=generator, device=x.device)
         z = mu.unsqueeze(1) + torch.exp(0.5 * logvar).unsqueeze(1) * eps
-        logits = self.decoder(z.flatten(0, 1)).unflatten(0, (x.size(0), k))
-        log_px_given_z = -reconstruction_nll(logits, x.unsqueeze(1), self.recon_loss)
+        # Each image's k codes form a tight cloud, which decode_cloud exploits.
+        log_px_given_z = -torch.stack(
+            [
+                reconstruction_nll(decode_cloud(self.decoder, codes), image, self.recon_loss)
+                for codes, image in zip(z, x)
+            ]
+        )
         # log N(z; 0, I) - log N(z; mu, sigma^2): the log(2 pi) terms cancel.
         log_pz_over_qz = 0.5 * (eps.pow(2) - z.pow(2) + logvar.unsqueeze(1)).sum(-1)
         return log_px_given_z + log_pz_over_qz
