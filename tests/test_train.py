@@ -85,6 +85,13 @@ def test_metrics_json_reports_the_tested_checkpoint(make_cfg, tmp_path):
     assert metrics["val/loss"] == pytest.approx(float(score))
 
 
+def test_without_the_ranking_checkpoint_the_final_weights_are_tested(make_cfg, tmp_path):
+    metrics = train(make_cfg("callbacks.model_checkpoint=null", "callbacks.last_checkpoint=null"))
+    assert metrics["status"] == "completed"
+    assert metrics["tested_checkpoint"] == "final weights"
+    assert math.isfinite(metrics["test/neg_elbo"]) and math.isfinite(metrics["val/loss"])
+
+
 def test_a_checkpoint_alone_rebuilds_the_model_and_its_test_metrics(make_cfg, tmp_path):
     cfg = make_cfg("model=vae", "model.latent_dim=3", "model/net=conv")
     metrics = train(cfg)

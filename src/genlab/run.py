@@ -156,9 +156,10 @@ def tested_weights(trainer: pl.Trainer) -> tuple[str | None, dict[str, float]]:
     one was ranked, else the final weights (None); with the validation numbers
     known for exactly those weights."""
     callback = trainer.checkpoint_callback
-    best = getattr(callback, "best_model_path", "") if callback is not None else ""
-    if best:
-        return best, {callback.monitor: float(callback.best_model_score)}
+    # Without callbacks.model_checkpoint, Lightning's own checkpoint callback ranks nothing.
+    score = getattr(callback, "best_model_score", None)
+    if score is not None and callback.best_model_path:
+        return callback.best_model_path, {callback.monitor: float(score)}
     final_val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     return None, final_val
 
