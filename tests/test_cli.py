@@ -194,6 +194,7 @@ CLEAN_ERRORS = [
     ("model=gan trainer.gradient_clip_val=1", "manual optimisation"),
     ("model=gan callbacks=default", "last_checkpoint_only"),
     ("model/net=transformer", "conv, mlp"),
+    ("logger=null", "~logger"),
     ("++trainer.limt_train_batches=3", "did you mean limit_train_batches"),
     ("data.data_dir={tmp}/corrupt", "train-images-idx3-ubyte' is not a valid IDX file"),
     ("data=fashion_mnist data.verify=true", "train-images-idx3-ubyte' is not the official"),

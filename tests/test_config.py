@@ -54,6 +54,7 @@ BAD_CONFIGS = [
     ("model=gan callbacks=default", ["monitor='val/loss'", "val/d_loss", "last_checkpoint_only"]),
     ("callbacks.model_checkpoint.monitor=val/elbo", ["val/elbo", "val/neg_elbo"]),
     ("model.latent_dim=2,4", ["model.latent_dim=2,4", "--multirun"]),
+    ("logger=null", ["logger=null", "csv, tensorboard", "~logger"]),
 ]
 
 

@@ -22,6 +22,7 @@ import difflib
 import inspect
 import os
 import pathlib
+import sys
 import types
 import typing
 from collections.abc import Callable, Iterator, Mapping
@@ -71,8 +72,8 @@ def compose_config(overrides: list[str] | None = None, config_name: str = "train
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         try:
             return compose(config_name=config_name, overrides=overrides or [])
-        except HydraException as err:
-            user_error = user_error_from_hydra(err)
+        except (HydraException, ValueError) as err:
+            user_error = user_error_from_hydra(err, overrides or [])
             if user_error is None:
                 raise
             raise user_error from err
@@ -102,8 +103,22 @@ def _one_paragraph(message: str) -> str:
     return " ".join(line.strip() for line in message.splitlines() if line.strip())
 
 
-def user_error_from_hydra(err: BaseException) -> GenlabError | None:
+def _group_set_to_null(overrides: list[str]) -> GenlabError | None:
+    for override in overrides:
+        group, _, value = override.partition("=")
+        if value == "null" and (CONF_DIR / group).is_dir():
+            options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+            return GenlabError(
+                f"{override}: {group} is a config group, which takes one of "
+                f"{', '.join(options)}; to run without it, drop it with ~{group}."
+            )
+    return None
+
+
+def user_error_from_hydra(err: BaseException, overrides: list[str]) -> GenlabError | None:
     """The one-paragraph `GenlabError` for a Hydra composition or override error, else None."""
+    if isinstance(err, ValueError):  # Hydra raises a bare ValueError for group=null
+        return _group_set_to_null(overrides)
     if isinstance(err, MissingConfigException) and err.options and err.missing_cfg_file:
         group, _, choice = err.missing_cfg_file.rpartition("/")
         options = list(err.options)
@@ -150,8 +165,8 @@ def hydra_errors_as_user_errors() -> Iterator[None]:
             with user_errors():
                 try:
                     return func()
-                except HydraException as err:
-                    user_error = user_error_from_hydra(err)
+                except (HydraException, ValueError) as err:
+                    user_error = user_error_from_hydra(err, sys.argv[1:])
                     if user_error is None:
                         raise
                     raise user_error from err
