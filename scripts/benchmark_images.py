@@ -50,7 +50,10 @@ def main() -> None:
             for index, (name, overrides) in enumerate(variants.items()):
                 run_dir = Path(tmp) / f"{repeat}-{index}"
                 times[name].append(timed_run(overrides, run_dir))
-                print(f"run {repeat + 1}/{args.repeats} {name}: {times[name][-1][0]:.1f} s", flush=True)
+                print(
+                    f"run {repeat + 1}/{args.repeats} {name}: {times[name][-1][0]:.1f} s",
+                    flush=True,
+                )
 
     medians = {
         name: (statistics.median(w for w, _ in runs), statistics.median(t for _, t in runs))

@@ -24,7 +24,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from genlab import memory, metrics, run
+from genlab import metrics, run, runtime
 from genlab.config import CONF_DIR
 from genlab.data import _BINARIZE_SEED, binarize_sample
 from genlab.errors import GenlabError, check_choice, user_errors
@@ -316,7 +316,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 @hydra.main(config_path=str(CONF_DIR), config_name="eval", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     """Console entry point ``genlab-eval``."""
-    memory.keep_freed_memory()
+    runtime.keep_freed_memory()
     with user_errors():
         evaluate(cfg)
 

@@ -27,7 +27,7 @@ from pytorch_lightning.callbacks import ProgressBar
 from pytorch_lightning.plugins.environments import SLURMEnvironment
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from genlab import config, memory, run, safety
+from genlab import config, run, runtime, safety
 from genlab.errors import GenlabError, TrainingDiverged, find_user_error, user_errors
 from genlab.evaluate import evaluate_model
 
@@ -86,6 +86,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     stopper = safety.StopOnInterrupt(checkpoint_dir)
     callbacks += [safety.SeedEachEpoch(cfg.seed), stopper, safety.OneLogHistory()]
     trainer = _build_trainer(cfg, logger=logger, callbacks=callbacks)
+    runtime.cache_cuda_check(trainer)
     if trainer.is_global_zero:  # the run is accepted: from here on it writes its directory
         run.record_run(output_dir, cfg)
     if logger:
@@ -189,7 +190,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     optimise it, e.g. Optuna), NaN for a job that failed or does not report it.
     """
     _quiet_third_party_noise()
-    memory.keep_freed_memory()
+    runtime.keep_freed_memory()
     log.info("torch CPU threads: %d", torch.get_num_threads())
     if not _in_sweep():
         with user_errors():

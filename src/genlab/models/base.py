@@ -61,12 +61,14 @@ def reconstruction_nll(logits: Tensor, x: Tensor, recon_loss: str) -> Tensor:
     broadcasts against ``logits``: logits of shape (B, K, 1, 28, 28) score K
     decodings of each of B images given as (B, 1, 1, 28, 28).
     """
+    if recon_loss == "bce" and logits.requires_grad:  # training: torch's fused kernel
+        bce = F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none")
+        return bce.flatten(-3).sum(-1)
     if recon_loss == "bce":
         # -log Bernoulli(x; sigmoid(l)) = softplus(l) - x * l. Summing x * l as an
         # inner product keeps many decodings of one image cheap (no copies of x).
         logits, x = logits.flatten(-3), x.flatten(-3)
-        softplus = F.softplus(logits).sum(-1) if logits.requires_grad else softplus_sum(logits)
-        return softplus - torch.einsum("...p,...p->...", logits, x)
+        return softplus_sum(logits) - torch.einsum("...p,...p->...", logits, x)
     squared_error = (torch.sigmoid(logits) - x).pow(2).flatten(-3)
     return squared_error.sum(-1) + squared_error.size(-1) * _GAUSSIAN_NLL_CONST
 
@@ -105,7 +107,9 @@ class GenerativeModel(pl.LightningModule):
         # Set by genlab.train to the run's resolved config; stored in every
         # checkpoint so a checkpoint alone is enough to rebuild the model.
         self.run_config: dict[str, Any] | None = None
-        self._train_sums: dict[str, Tensor | float] = {}
+        # Running sums of this epoch's training metrics (one tensor, names alongside).
+        self._sum_names: tuple[str, ...] = ()
+        self._sums: Tensor | None = None
         self._train_count = 0
 
     def decode(self, z: Tensor) -> Tensor:
@@ -145,20 +149,21 @@ class GenerativeModel(pl.LightningModule):
             return
         # A self.log call costs about 1 ms of Lightning bookkeeping, as much as
         # a whole training step of a small model, so the epoch means are summed
-        # here (in float32: a bf16 sum stops growing at 2^15) and Lightning only
-        # sees per-step values on the steps it writes out.
-        for name, value in metrics.items():
-            total = value.detach().float() * batch_size
-            self._train_sums[name] = self._train_sums.get(name, 0.0) + total
+        # here, all metrics in one tensor (in float32: a bf16 sum stops growing
+        # at 2^15), and Lightning only sees per-step values on the steps it writes out.
+        values = torch.stack([v.detach() for v in metrics.values()]).float()
+        self._stop_if_diverged(metrics, values)
+        if self._sums is None:
+            self._sum_names, self._sums = tuple(metrics), values * batch_size
+        else:
+            self._sums = self._sums.to(values.device) + values * batch_size
         self._train_count += batch_size
-        self._stop_if_diverged(metrics)
         if _writes_step_logs(self.trainer):
             self._log("train", metrics, on_step=True, batch_size=batch_size)
 
-    def _stop_if_diverged(self, metrics: dict[str, Tensor]) -> None:
+    def _stop_if_diverged(self, metrics: dict[str, Tensor], values: Tensor) -> None:
         # One host-device sync per step: cheap next to a step, and the only way
         # to stop before a checkpoint is written from NaN weights.
-        values = torch.stack([v.detach().float() for v in metrics.values()])
         if bool(torch.isfinite(values).all()):
             return
         bad = [
@@ -170,7 +175,7 @@ class GenerativeModel(pl.LightningModule):
         )
 
     def on_train_epoch_start(self) -> None:
-        self._train_sums = {}
+        self._sum_names, self._sums = (), None
         self._train_count = 0
 
     def on_train_epoch_end(self) -> None:
@@ -180,7 +185,8 @@ class GenerativeModel(pl.LightningModule):
             count = reduce(
                 torch.tensor(float(self._train_count), device=self.device), reduce_op="sum"
             )
-            means = {k: reduce(v, reduce_op="sum") / count for k, v in self._train_sums.items()}
+            sums = reduce(self._sums, reduce_op="sum")
+            means = dict(zip(self._sum_names, sums / count))
             self._log("train", means, sync_dist=False)
 
     def _log(
@@ -217,7 +223,7 @@ class GenerativeModel(pl.LightningModule):
         if self.run_config is not None:
             checkpoint[CONFIG_KEY] = self.run_config
         checkpoint[_EPOCH_SUMS_KEY] = {
-            "sums": {k: float(v) for k, v in self._train_sums.items()},
+            "sums": dict(zip(self._sum_names, [] if self._sums is None else self._sums.tolist())),
             "count": self._train_count,
         }
 
@@ -226,5 +232,7 @@ class GenerativeModel(pl.LightningModule):
         # on_train_epoch_start): carry on with the sums saved with it.
         saved = checkpoint.get(_EPOCH_SUMS_KEY)
         if saved is not None:
-            self._train_sums = dict(saved["sums"])
+            sums = saved["sums"]
+            self._sum_names = tuple(sums)
+            self._sums = torch.tensor(list(sums.values())) if sums else None
             self._train_count = saved["count"]
