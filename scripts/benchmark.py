@@ -1,7 +1,8 @@
 """Training speed of genlab against plain PyTorch loops on the same model; writes BENCHMARKS.md.
 
-    python scripts/benchmark.py                 # the main table (about 3 minutes on 2 CPU cores)
+    python scripts/benchmark.py                 # the main table (about 10 minutes on 2 CPU cores)
     python scripts/benchmark.py --scaling       # plus epoch time against batch size and width
+    python scripts/benchmark.py --options       # plus genlab with model.compile=true and bf16-mixed
     python scripts/benchmark.py --device cuda   # the same on a GPU (data held on the GPU)
 
 Workload: experiment=seed_vae_mnist (MLP VAE 784-256-2, batch 128, Adam 1e-3,
@@ -151,7 +152,13 @@ def _epochs(record: dict, launched: float) -> dict:
     }
 
 
-def _genlab(args, workdir: Path, batch_size: int, width: int, tag: str) -> dict:
+# genlab's speed options, benchmarked with --options (one run each).
+OPTIONS = {"compile": ["model.compile=true"], "bf16": ["trainer.precision=bf16-mixed"]}
+
+
+def _genlab(
+    args, workdir: Path, batch_size: int, width: int, tag: str, extra: tuple[str, ...] = ()
+) -> dict:
     clock = workdir / f"{tag}.json"
     command = [
         GENLAB_TRAIN,
@@ -166,6 +173,7 @@ def _genlab(args, workdir: Path, batch_size: int, width: int, tag: str) -> dict:
         f"+callbacks.clock.path={clock}",
         *GENLAB_FLAGS,
         *args.genlab_overrides,
+        *extra,
     ]
     env = {
         **os.environ,
@@ -265,6 +273,9 @@ def main() -> None:
     parser.add_argument(
         "--scaling", action="store_true", help="also epoch time against batch size and width"
     )
+    parser.add_argument(
+        "--options", action="store_true", help="also genlab with model.compile=true and bf16-mixed"
+    )
     parser.add_argument("--out", default=str(REPO / "BENCHMARKS.md"), help="report to write")
     parser.add_argument("--batch-size", type=int, default=128, help=argparse.SUPPRESS)
     parser.add_argument("--width", type=int, default=256, help=argparse.SUPPRESS)
@@ -308,6 +319,10 @@ def main() -> None:
                 f"plain with fused Adam {runs['plain_fused'][-1]['epoch_s']:.2f} s per epoch",
                 flush=True,
             )
+        if args.options:
+            for name, overrides in OPTIONS.items():
+                runs[name] = [_genlab(args, workdir, 128, 256, name, tuple(overrides))]
+                print(f"  genlab {' '.join(overrides)}: {runs[name][0]['epoch_s']:.2f} s per epoch")
         if args.scaling:
             for width in (256, 512, 1024):
                 for batch_size in (64, 128, 256, 512, 1024):
@@ -355,6 +370,11 @@ def _report(args, results: dict, end_to_end: float | None, scaling: list) -> str
             "plain loop with fused Adam (genlab's default optimizer)", results["plain_fused"], plain
         ),
         _row("torchvision Dataset + ToTensor + DataLoader", results["dataloader"], plain),
+        *(
+            _row(f"genlab, `{' '.join(OPTIONS[name])}` (one run)", results[name], plain)
+            for name in OPTIONS
+            if name in results
+        ),
     ]
     if end_to_end is not None:
         lines.append(

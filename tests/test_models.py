@@ -100,6 +100,32 @@ def test_decode_cloud_equals_the_decoder(net, spread):
         torch.testing.assert_close(decode_cloud(decoder, z), decoder(z), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", [AE, VAE, GAN], ids=lambda f: f.__name__)
+def test_compile_compiles_every_network_in_place(family):
+    model = family(MLP([16]), ADAM, latent_dim=2, compile=True)
+    names = list(model.state_dict())
+    model.configure_model()
+    model.configure_model()  # Lightning calls it again for test: compiled once
+    nets = list(model.children())
+    assert nets and all(net._compiled_call_impl is not None for net in nets)
+    assert list(model.state_dict()) == names  # checkpoints keep their keys
+    plain = family(MLP([16]), ADAM, latent_dim=2)
+    plain.configure_model()
+    assert all(net._compiled_call_impl is None for net in plain.children())
+
+
+@pytest.mark.slow
+def test_a_compiled_vae_computes_what_the_plain_one_does():
+    torch.manual_seed(0)
+    plain = VAE(MLP([32]), ADAM, latent_dim=2)
+    compiled = VAE(MLP([32]), ADAM, latent_dim=2, compile=True)
+    compiled.load_state_dict(plain.state_dict())
+    compiled.configure_model()
+    x = torch.rand(8, 1, 28, 28).round()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), plain(x), rtol=1e-4, atol=1e-5)
+
+
 def test_kl_warmup_ramps_linearly_to_beta():
     vae = VAE(MLP([16]), ADAM, latent_dim=2, beta=2.0, kl_warmup_epochs=4)
     assert vae.kl_weight(0.0) == 0.0

@@ -28,8 +28,9 @@ class AE(GenerativeModel):
         optimizer: OptimizerFactory,
         latent_dim: int = 16,
         recon_loss: str = "bce",
+        compile: bool = False,
     ):
-        super().__init__(optimizer)
+        super().__init__(optimizer, compile)
         check_choice("model.recon_loss", recon_loss, RECON_LOSSES)
         self.save_hyperparameters(ignore=["net", "optimizer"], logger=False)
         self.latent_dim = latent_dim

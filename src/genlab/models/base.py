@@ -101,9 +101,10 @@ class GenerativeModel(pl.LightningModule):
     # without a prior, a Gaussian fitted to the codes of training images (True).
     fitted_prior: bool = False
 
-    def __init__(self, optimizer: OptimizerFactory):
+    def __init__(self, optimizer: OptimizerFactory, compile: bool = False):
         super().__init__()
         self.optimizer_factory = optimizer
+        self.compile_nets = compile
         # Set by genlab.train to the run's resolved config; stored in every
         # checkpoint so a checkpoint alone is enough to rebuild the model.
         self.run_config: dict[str, Any] | None = None
@@ -215,6 +216,17 @@ class GenerativeModel(pl.LightningModule):
         """Standard normal noise that is the same for a given batch on every evaluation."""
         generator = torch.Generator(device=self.device).manual_seed(_EVAL_SEED + batch_idx)
         return torch.randn(shape, generator=generator, device=self.device)
+
+    def configure_model(self) -> None:
+        """``model.compile=true``: torch.compile each network, once, when Lightning sets up.
+
+        ``nn.Module.compile`` compiles in place, so parameter names, and with
+        them checkpoints, stay as they are. The first steps pay for compiling.
+        """
+        if self.compile_nets:
+            for net in self.children():
+                if getattr(net, "_compiled_call_impl", None) is None:
+                    net.compile()
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return self.optimizer_factory(self.parameters())

@@ -31,8 +31,14 @@ class GAN(GenerativeModel):
     prog_bar_metrics = ("d_loss", "g_loss")
     visuals = ("samples", "interpolation")
 
-    def __init__(self, net: MLP | Conv, optimizer: OptimizerFactory, latent_dim: int = 64):
-        super().__init__(optimizer)
+    def __init__(
+        self,
+        net: MLP | Conv,
+        optimizer: OptimizerFactory,
+        latent_dim: int = 64,
+        compile: bool = False,
+    ):
+        super().__init__(optimizer, compile)
         self.save_hyperparameters(ignore=["net", "optimizer"], logger=False)
         self.automatic_optimization = False
         self.latent_dim = latent_dim

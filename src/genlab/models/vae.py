@@ -37,8 +37,9 @@ class VAE(GenerativeModel):
         beta: float = 1.0,
         recon_loss: str = "bce",
         kl_warmup_epochs: int = 0,
+        compile: bool = False,
     ):
-        super().__init__(optimizer)
+        super().__init__(optimizer, compile)
         check_choice("model.recon_loss", recon_loss, RECON_LOSSES)
         self.save_hyperparameters(ignore=["net", "optimizer"], logger=False)
         self.latent_dim = latent_dim
