@@ -73,6 +73,25 @@ def _vae_step(encoder, decoder, optimizer, x) -> None:
     optimizer.step()
 
 
+def _timed_epochs(args: argparse.Namespace, fused: bool, epoch_batches) -> dict:
+    """Train the seed VAE on ``epoch_batches()`` (one iterable per epoch) for a
+    warm-up epoch and ``args.epochs`` more, recording when each epoch starts."""
+    import torch
+
+    device = torch.device(args.device)
+    encoder, decoder, optimizer = _seed_vae(args.width, fused)
+    encoder.to(device), decoder.to(device)
+    starts = []
+    for _ in range(args.epochs + 1):
+        for i, x in enumerate(epoch_batches()):
+            if i == 0:
+                _sync(device)
+                starts.append(time.time())
+            _vae_step(encoder, decoder, optimizer, x.to(device))
+    _sync(device)
+    return {"epoch_starts": starts, "end": time.time()}
+
+
 def _plain_worker(args: argparse.Namespace) -> dict:
     import torch
     from torchvision.datasets import MNIST
@@ -81,18 +100,12 @@ def _plain_worker(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     images = MNIST(args.data_dir, train=True).data[:TRAIN_SIZE]
     data = (images.float() / 255).unsqueeze(1).to(device)
-    encoder, decoder, optimizer = _seed_vae(args.width, fused=args.worker == "plain_fused")
-    encoder.to(device), decoder.to(device)
-    starts = []
-    for _ in range(args.epochs + 1):
+
+    def batches():
         order = torch.randperm(TRAIN_SIZE, device=device)
-        for i in range(0, TRAIN_SIZE, args.batch_size):
-            if i == 0:
-                _sync(device)
-                starts.append(time.time())
-            _vae_step(encoder, decoder, optimizer, data[order[i : i + args.batch_size]])
-    _sync(device)
-    return {"epoch_starts": starts, "end": time.time(), "threads": torch.get_num_threads()}
+        return (data[order[i : i + args.batch_size]] for i in range(0, TRAIN_SIZE, args.batch_size))
+
+    return _timed_epochs(args, args.worker == "plain_fused", batches)
 
 
 def _dataloader_worker(args: argparse.Namespace) -> dict:
@@ -101,21 +114,10 @@ def _dataloader_worker(args: argparse.Namespace) -> dict:
     from torchvision.datasets import MNIST
     from torchvision.transforms import ToTensor
 
-    device = torch.device(args.device)
     torch.manual_seed(0)
     dataset = Subset(MNIST(args.data_dir, train=True, transform=ToTensor()), range(TRAIN_SIZE))
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True)
-    encoder, decoder, optimizer = _seed_vae(args.width)
-    encoder.to(device), decoder.to(device)
-    starts = []
-    for _ in range(args.epochs + 1):
-        for i, (x, _) in enumerate(loader):
-            if i == 0:
-                _sync(device)
-                starts.append(time.time())
-            _vae_step(encoder, decoder, optimizer, x.to(device))
-    _sync(device)
-    return {"epoch_starts": starts, "end": time.time(), "threads": torch.get_num_threads()}
+    return _timed_epochs(args, False, lambda: (x for x, _ in loader))
 
 
 def _sync(device) -> None:
@@ -156,25 +158,34 @@ def _epochs(record: dict, launched: float) -> dict:
 OPTIONS = {"compile": ["model.compile=true"], "bf16": ["trainer.precision=bf16-mixed"]}
 
 
+def _genlab_command(args, run_dir: Path, epochs: int, *overrides: str) -> list[str]:
+    return [
+        GENLAB_TRAIN,
+        "experiment=seed_vae_mnist",
+        f"trainer.max_epochs={epochs}",
+        f"trainer.accelerator={'gpu' if args.device == 'cuda' else 'cpu'}",
+        f"data.data_dir={args.data_dir}",
+        f"hydra.run.dir={run_dir}",
+        *GENLAB_FLAGS,
+        *args.genlab_overrides,
+        *overrides,
+    ]
+
+
 def _genlab(
     args, workdir: Path, batch_size: int, width: int, tag: str, extra: tuple[str, ...] = ()
 ) -> dict:
     clock = workdir / f"{tag}.json"
-    command = [
-        GENLAB_TRAIN,
-        "experiment=seed_vae_mnist",
-        f"trainer.max_epochs={args.epochs + 1}",
+    command = _genlab_command(
+        args,
+        workdir / tag,
+        args.epochs + 1,
         f"data.batch_size={batch_size}",
         f"model.net.hidden_dims=[{width}]",
-        f"trainer.accelerator={'gpu' if args.device == 'cuda' else 'cpu'}",
-        f"data.data_dir={args.data_dir}",
-        f"hydra.run.dir={workdir / tag}",
         "+callbacks.clock._target_=epoch_clock.EpochClock",
         f"+callbacks.clock.path={clock}",
-        *GENLAB_FLAGS,
-        *args.genlab_overrides,
         *extra,
-    ]
+    )
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(SCRIPTS), os.environ.get("PYTHONPATH", "")]),
@@ -196,18 +207,10 @@ def _worker(args, kind: str, workdir: Path, batch_size: int, width: int, tag: st
 
 def _end_to_end(args, workdir: Path) -> float:
     """(t(5) - t(1)) / 4 for whole genlab-train runs."""
-    walls = {}
-    for epochs in (1, 5):
-        command = [
-            GENLAB_TRAIN,
-            "experiment=seed_vae_mnist",
-            f"trainer.max_epochs={epochs}",
-            f"data.data_dir={args.data_dir}",
-            f"hydra.run.dir={workdir / f'end_to_end_{epochs}'}",
-            *GENLAB_FLAGS,
-            *args.genlab_overrides,
-        ]
-        walls[epochs] = _run(command)[1]
+    walls = {
+        epochs: _run(_genlab_command(args, workdir / f"end_to_end_{epochs}", epochs))[1]
+        for epochs in (1, 5)
+    }
     return (walls[5] - walls[1]) / 4
 
 

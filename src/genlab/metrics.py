@@ -67,7 +67,7 @@ def importance_sampled_nll(
     per_step = min(k, batch_size)
     images_per_step = max(1, batch_size // k)
     nll = []
-    # At K = 5000 this takes minutes: show progress on a terminal (tqdm is off elsewhere).
+    # At K = 5000 this takes minutes: a progress bar on a terminal (disable=None: none in log files).
     with tqdm(total=images.size(0), desc=f"test/nll, K={k}", unit="image", disable=None) as bar:
         for x in images.split(images_per_step):
             log_sum = torch.full((x.size(0),), -math.inf, device=x.device)
