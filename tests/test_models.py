@@ -7,6 +7,7 @@ from functools import partial
 
 import pytest
 import torch
+from torch import nn
 from torch.distributions import Bernoulli, Normal, kl_divergence
 
 from genlab.errors import GenlabError
@@ -126,6 +127,16 @@ def test_a_compiled_vae_computes_what_the_plain_one_does():
         torch.testing.assert_close(compiled(x), plain(x), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("net", [MLP([16, 8], norm="batch"), Conv([4, 8], norm="batch")])
+def test_batch_norm_goes_into_decoders_only(net):
+    def norms(module):
+        return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    assert not norms(net.encoder(4))
+    # One after each hidden layer of the decoder.
+    assert len(norms(net.decoder(4))) == len(net.hidden_dims)
+
+
 def test_kl_warmup_ramps_linearly_to_beta():
     vae = VAE(MLP([16]), ADAM, latent_dim=2, beta=2.0, kl_warmup_epochs=4)
     assert vae.kl_weight(0.0) == 0.0
@@ -139,6 +150,7 @@ def test_kl_warmup_ramps_linearly_to_beta():
     [
         (lambda: MLP([64], activation="sigmoidish"), "model.net.activation"),
         (lambda: Conv([]), "model.net.hidden_dims"),
+        (lambda: MLP([64], norm="layer"), "model.net.norm"),
         (lambda: VAE(MLP([8]), ADAM, recon_loss="l1"), "model.recon_loss"),
         (lambda: AE(MLP([8]), ADAM, recon_loss="l1"), "model.recon_loss"),
     ],

@@ -74,7 +74,14 @@ def _send_ctrl_c_at(monkeypatch, epoch: int, batch: int) -> None:
 
 
 def test_resumed_runs_end_exactly_as_uninterrupted_ones(make_cfg, tmp_path, monkeypatch):
-    settings = ("model=vae", "++trainer.limit_train_batches=4", "trainer.log_every_n_steps=1")
+    # The halving schedule makes the second epoch depend on the restored scheduler state.
+    halving = "{_target_:torch.optim.lr_scheduler.StepLR,_partial_:true,step_size:1,gamma:0.5}"
+    settings = (
+        "model=vae",
+        f"model.scheduler={halving}",
+        "++trainer.limit_train_batches=4",
+        "trainer.log_every_n_steps=1",
+    )
     straight = train(make_cfg(*settings, "trainer.max_epochs=2", run_dir=tmp_path / "straight"))
 
     # Stopped at an epoch boundary, then continued.

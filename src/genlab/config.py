@@ -45,7 +45,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 from genlab.data import BINARIZE, DATASETS
 from genlab.errors import GenlabError, user_errors
 from genlab.models.base import RECON_LOSSES
-from genlab.models.nets import ACTIVATIONS
+from genlab.models.nets import ACTIVATIONS, NORMS
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -245,6 +245,7 @@ RULES: dict[str, Check] = {
     "model.recon_loss": _choice(RECON_LOSSES),
     "model.optimizer.lr": _number(0, exclusive=True),
     "model.net.activation": _choice(ACTIVATIONS),
+    "model.net.norm": _choice(NORMS),
     "data.dataset": _choice(DATASETS),
     "data.binarize": _choice(BINARIZE),
     "data.batch_size": _integer(1),

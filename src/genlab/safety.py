@@ -98,7 +98,7 @@ class LastCheckpoint(Checkpoint):
     def _save(self, trainer: pl.Trainer) -> None:
         if trainer.sanity_checking or self._saved_at == trainer.global_step:
             return
-        trainer.save_checkpoint(self.path)
+        trainer.save_checkpoint(self.path, weights_only=False)
         self._saved_at = trainer.global_step
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
@@ -205,7 +205,7 @@ class StopOnInterrupt(pl.Callback):
     ) -> None:
         if isinstance(exception, SIGTERMException):
             self.requested = True
-            trainer.save_checkpoint(self.checkpoint_dir / LAST_CHECKPOINT)
+            trainer.save_checkpoint(self.checkpoint_dir / LAST_CHECKPOINT, weights_only=False)
 
 
 class _ContinuedCSVWriter(ExperimentWriter):

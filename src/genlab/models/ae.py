@@ -10,6 +10,7 @@ from genlab.models.base import (
     RECON_LOSSES,
     GenerativeModel,
     OptimizerFactory,
+    SchedulerFactory,
     reconstruction_nll,
 )
 from genlab.models.nets import MLP, Conv
@@ -29,10 +30,11 @@ class AE(GenerativeModel):
         latent_dim: int = 16,
         recon_loss: str = "bce",
         compile: bool = False,
+        scheduler: SchedulerFactory | None = None,
     ):
-        super().__init__(optimizer, compile)
+        super().__init__(optimizer, compile, scheduler)
         check_choice("model.recon_loss", recon_loss, RECON_LOSSES)
-        self.save_hyperparameters(ignore=["net", "optimizer"], logger=False)
+        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"], logger=False)
         self.latent_dim = latent_dim
         self.recon_loss = recon_loss
         self.encoder = net.encoder(latent_dim)

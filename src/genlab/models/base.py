@@ -27,6 +27,8 @@ CONFIG_KEY = "genlab_config"
 _EPOCH_SUMS_KEY = "genlab_epoch_sums"
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
+# Builds a learning-rate scheduler for an optimiser (a partial torch.optim.lr_scheduler class).
+SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
 
 
 # softplus_sum multiplies this many factors in [1/2, 1): at least 2^-112, inside float32's range.
@@ -101,9 +103,15 @@ class GenerativeModel(pl.LightningModule):
     # without a prior, a Gaussian fitted to the codes of training images (True).
     fitted_prior: bool = False
 
-    def __init__(self, optimizer: OptimizerFactory, compile: bool = False):
+    def __init__(
+        self,
+        optimizer: OptimizerFactory,
+        compile: bool = False,
+        scheduler: SchedulerFactory | None = None,
+    ):
         super().__init__()
         self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
         self.compile_nets = compile
         # Set by genlab.train to the run's resolved config; stored in every
         # checkpoint so a checkpoint alone is enough to rebuild the model.
@@ -228,8 +236,12 @@ class GenerativeModel(pl.LightningModule):
                 if getattr(net, "_compiled_call_impl", None) is None:
                     net.compile()
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return self.optimizer_factory(self.parameters())
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        # Stepped by Lightning once per epoch; its state is saved with the checkpoint.
+        return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer)}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.run_config is not None:

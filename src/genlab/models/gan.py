@@ -7,11 +7,13 @@ logit. Both are trained with their own Adam optimiser, one step each per batch.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from genlab.models.base import GenerativeModel, OptimizerFactory
+from genlab.models.base import GenerativeModel, OptimizerFactory, SchedulerFactory
 from genlab.models.nets import MLP, Conv
 
 
@@ -37,9 +39,10 @@ class GAN(GenerativeModel):
         optimizer: OptimizerFactory,
         latent_dim: int = 64,
         compile: bool = False,
+        scheduler: SchedulerFactory | None = None,
     ):
-        super().__init__(optimizer, compile)
-        self.save_hyperparameters(ignore=["net", "optimizer"], logger=False)
+        super().__init__(optimizer, compile, scheduler)
+        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"], logger=False)
         self.automatic_optimization = False
         self.latent_dim = latent_dim
         self.generator = net.decoder(latent_dim)
@@ -100,8 +103,19 @@ class GAN(GenerativeModel):
             "d_fake": torch.sigmoid(fake_logits).mean(),
         }
 
-    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
-        return [
+    def on_train_epoch_end(self) -> None:
+        super().on_train_epoch_end()
+        # Manual optimisation: Lightning leaves the schedulers to us.
+        schedulers = self.lr_schedulers()
+        for scheduler in schedulers if isinstance(schedulers, list) else [schedulers]:
+            if scheduler is not None:
+                scheduler.step()
+
+    def configure_optimizers(self) -> Any:
+        optimizers = [
             self.optimizer_factory(self.generator.parameters()),
             self.optimizer_factory(self.discriminator.parameters()),
         ]
+        if self.scheduler_factory is None:
+            return optimizers
+        return optimizers, [self.scheduler_factory(optimizer) for optimizer in optimizers]

@@ -29,6 +29,10 @@ ACTIVATIONS = {
 }
 
 
+# Normalisation of the decoder's hidden layers (before their activation).
+NORMS = ("none", "batch")
+
+
 def _activation(name: str) -> nn.Module:
     check_choice("model.net.activation", name, ACTIVATIONS)
     return ACTIVATIONS[name]()
@@ -37,7 +41,8 @@ def _activation(name: str) -> nn.Module:
 class _Net:
     """Holds what both kinds of net are configured by."""
 
-    def __init__(self, hidden_dims: Sequence[int], activation: str):
+    def __init__(self, hidden_dims: Sequence[int], activation: str, norm: str):
+        check_choice("model.net.norm", norm, NORMS)
         dims = [int(d) for d in hidden_dims]
         if not dims or any(d < 1 for d in dims):
             raise GenlabError(
@@ -46,29 +51,41 @@ class _Net:
         _activation(activation)
         self.hidden_dims = dims
         self.activation = activation
+        self.norm = norm
+
+    # Only decoders are normalised. A GAN's generator needs batch norm to keep
+    # its samples apart (without it the default GAN collapses to one image);
+    # in an encoder or discriminator, batch statistics would differ between
+    # training and evaluation and between real and generated batches.
+    def _hidden(self, features: int, decoder: bool, batch_norm: type[nn.Module]) -> list[nn.Module]:
+        """Normalisation (decoders, where configured) and activation of a hidden layer."""
+        layers = [batch_norm(features)] if decoder and self.norm == "batch" else []
+        return [*layers, _activation(self.activation)]
 
 
 class MLP(_Net):
     """Fully connected nets: 784 -> hidden_dims -> out, and in -> reversed(hidden_dims) -> 784."""
 
-    def __init__(self, hidden_dims: Sequence[int] = (512, 256), activation: str = "relu"):
-        super().__init__(hidden_dims, activation)
+    def __init__(
+        self, hidden_dims: Sequence[int] = (512, 256), activation: str = "relu", norm: str = "none"
+    ):
+        super().__init__(hidden_dims, activation, norm)
 
-    def _stack(self, widths: list[int]) -> list[nn.Module]:
+    def _stack(self, widths: list[int], decoder: bool) -> list[nn.Module]:
         layers: list[nn.Module] = []
         for i, (n_in, n_out) in enumerate(itertools.pairwise(widths)):
             layers.append(nn.Linear(n_in, n_out))
             if i < len(widths) - 2:
-                layers.append(_activation(self.activation))
+                layers += self._hidden(n_out, decoder, nn.BatchNorm1d)
         return layers
 
     def encoder(self, out_features: int) -> nn.Module:
         widths = [IMAGE_PIXELS, *self.hidden_dims, out_features]
-        return nn.Sequential(nn.Flatten(), *self._stack(widths))
+        return nn.Sequential(nn.Flatten(), *self._stack(widths, decoder=False))
 
     def decoder(self, in_features: int) -> nn.Module:
         widths = [in_features, *reversed(self.hidden_dims), IMAGE_PIXELS]
-        return nn.Sequential(*self._stack(widths), nn.Unflatten(1, IMAGE_SHAPE))
+        return nn.Sequential(*self._stack(widths, decoder=True), nn.Unflatten(1, IMAGE_SHAPE))
 
 
 class Conv(_Net):
@@ -79,8 +96,10 @@ class Conv(_Net):
     decoder mirrors this with transposed convolutions.
     """
 
-    def __init__(self, hidden_dims: Sequence[int] = (32, 64), activation: str = "relu"):
-        super().__init__(hidden_dims, activation)
+    def __init__(
+        self, hidden_dims: Sequence[int] = (32, 64), activation: str = "relu", norm: str = "none"
+    ):
+        super().__init__(hidden_dims, activation, norm)
 
     def _strides(self) -> list[int]:
         return [2 if i < 2 else 1 for i in range(len(self.hidden_dims))]
@@ -94,10 +113,8 @@ class Conv(_Net):
         channels = [IMAGE_SHAPE[0], *self.hidden_dims]
         for c_in, c_out, stride in zip(channels[:-1], channels[1:], self._strides()):
             kernel = 4 if stride == 2 else 3
-            layers += [
-                nn.Conv2d(c_in, c_out, kernel, stride, padding=1),
-                _activation(self.activation),
-            ]
+            layers.append(nn.Conv2d(c_in, c_out, kernel, stride, padding=1))
+            layers += self._hidden(c_out, False, nn.BatchNorm2d)
         c, h, w = self._feature_shape()
         return nn.Sequential(*layers, nn.Flatten(), nn.Linear(c * h * w, out_features))
 
@@ -105,7 +122,7 @@ class Conv(_Net):
         c, h, w = self._feature_shape()
         layers: list[nn.Module] = [
             nn.Linear(in_features, c * h * w),
-            _activation(self.activation),
+            *self._hidden(c * h * w, True, nn.BatchNorm1d),
             nn.Unflatten(1, (c, h, w)),
         ]
         channels = [*reversed(self.hidden_dims), IMAGE_SHAPE[0]]
@@ -116,7 +133,7 @@ class Conv(_Net):
             else:
                 layers.append(nn.Conv2d(c_in, c_out, 3, 1, padding=1))
             if i < len(strides) - 1:
-                layers.append(_activation(self.activation))
+                layers += self._hidden(c_out, True, nn.BatchNorm2d)
         return nn.Sequential(*layers)
 
 

@@ -17,6 +17,7 @@ from genlab.models.base import (
     RECON_LOSSES,
     GenerativeModel,
     OptimizerFactory,
+    SchedulerFactory,
     reconstruction_nll,
 )
 from genlab.models.nets import MLP, Conv, decode_cloud
@@ -38,10 +39,11 @@ class VAE(GenerativeModel):
         recon_loss: str = "bce",
         kl_warmup_epochs: int = 0,
         compile: bool = False,
+        scheduler: SchedulerFactory | None = None,
     ):
-        super().__init__(optimizer, compile)
+        super().__init__(optimizer, compile, scheduler)
         check_choice("model.recon_loss", recon_loss, RECON_LOSSES)
-        self.save_hyperparameters(ignore=["net", "optimizer"], logger=False)
+        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"], logger=False)
         self.latent_dim = latent_dim
         self.beta = beta
         self.recon_loss = recon_loss
