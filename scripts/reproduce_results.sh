@@ -9,7 +9,8 @@
 # Stages: seed_vae_mnist seed_vae_mnist_no_kl vae_mnist_nll ae_fashion gan_mnist
 # gan_fashion latent_beta_sweep figures. Runs go to $GENLAB_RESULTS_DIR
 # (default outputs/results/<stage>/); each stage's wall time goes to
-# <stage>/wall_time_s. Data comes from data.data_dir as usual ($GENLAB_DATA_DIR).
+# <stage>/wall_time_s and the commit it ran at to <stage>/commit. Data comes from
+# data.data_dir as usual ($GENLAB_DATA_DIR).
 set -euo pipefail
 out="${GENLAB_RESULTS_DIR:-outputs/results}"
 all=(seed_vae_mnist seed_vae_mnist_no_kl vae_mnist_nll ae_fashion gan_mnist gan_fashion latent_beta_sweep figures)
@@ -42,6 +43,7 @@ stage() {
 
 for name in "${@:-${all[@]}}"; do
   mkdir -p "$out/$name"
+  git describe --always --dirty > "$out/$name/commit" 2>/dev/null || echo unknown > "$out/$name/commit"
   start=$(date +%s)
   stage "$name"
   echo $(($(date +%s) - start)) > "$out/$name/wall_time_s"

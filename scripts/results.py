@@ -1,0 +1,148 @@
+"""The figures and tables of docs/RESULTS.md, from the runs of scripts/reproduce_results.sh.
+
+    python scripts/results.py [RESULTS_DIR]     (default: outputs/results)
+
+Writes docs/figures/{seed_vs_no_kl,samples,rate_distortion}.png and prints the
+tables in Markdown. Needs every stage's run; a missing one is named.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import sys
+from pathlib import Path
+
+import matplotlib.image as mpimg
+import matplotlib.pyplot as plt
+import torch
+
+from genlab.data import ImageDataModule
+from genlab.run import load_model
+
+FIGURES = Path(__file__).resolve().parent.parent / "docs" / "figures"
+# Burda et al. 2015, Table 1: VAE, one stochastic layer (50 units), k = 1, test NLL in nats.
+BURDA_VAE_NLL = 86.76
+
+
+def _read(path: Path) -> dict:
+    if not path.is_file():
+        sys.exit(f"{path} is missing: run scripts/reproduce_results.sh for that stage first.")
+    return json.loads(path.read_text())
+
+
+def _wall(folder: Path) -> int | None:
+    wall = folder / "wall_time_s"
+    return int(wall.read_text()) if wall.is_file() else None
+
+
+def _stage(results: Path, name: str) -> dict:
+    """A stage's training metrics, evaluation metrics (if evaluated), wall time and commit."""
+    folder = results / name
+    commit = folder / "commit"
+    evaluation = folder / "eval" / "metrics.json"
+    return {
+        "train": _read(folder / "run" / "metrics.json"),
+        "eval": _read(evaluation) if evaluation.is_file() else {},
+        "wall_s": _wall(folder),
+        "commit": commit.read_text().strip() if commit.is_file() else "?",
+        "images": folder / "run" / "images",
+    }
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _minutes(seconds: float | None) -> str:
+    return "–" if seconds is None else f"{seconds / 60:.1f} min"
+
+
+def _show(ax, path: Path, title: str) -> None:
+    ax.imshow(mpimg.imread(path), cmap="gray")
+    ax.set_title(title, fontsize=10)
+    ax.axis("off")
+
+
+def code_spread(ckpt: Path, data_dir: str) -> dict[str, float]:
+    """How far a VAE's posterior means of the 10,000 test images lie from the prior's range."""
+    model = load_model(ckpt).eval()
+    data = ImageDataModule("mnist", data_dir, eval_batch_size=2000, download=False)
+    data.setup("test")
+    with torch.no_grad():
+        mu = torch.cat([model.encode(x)[0] for x, _ in data.test_dataloader()])
+    return {
+        "std": float(mu.std(0).mean()),
+        "max_abs": float(mu.abs().max()),
+        "outside_3": float((mu.abs() > 3).any(1).float().mean()),
+    }
+
+
+def main(results: Path) -> None:
+    names = ["seed_vae_mnist", "seed_vae_mnist_no_kl", "vae_mnist_nll"]
+    names += ["ae_fashion", "gan_mnist", "gan_fashion"]
+    stages = {name: _stage(results, name) for name in names}
+    sweep = results / "latent_beta_sweep"
+    FIGURES.mkdir(parents=True, exist_ok=True)
+    plt.switch_backend("Agg")
+
+    # The seed VAE beside the same model without its KL term.
+    fig, axes = plt.subplots(2, 3, figsize=(12, 8.4))
+    for row, name in zip(axes, ["seed_vae_mnist", "seed_vae_mnist_no_kl"]):
+        images = stages[name]["images"]
+        label = "with KL (beta = 1)" if name == "seed_vae_mnist" else "KL missing (beta = 0)"
+        _show(row[0], images / "manifold_final.png", f"{label}: manifold, [-3, 3]²")
+        _show(row[1], images / "samples_final.png", f"{label}: prior samples")
+        _show(row[2], images / "latent_final.png", f"{label}: test codes")
+    fig.tight_layout()
+    fig.savefig(FIGURES / "seed_vs_no_kl.png", dpi=90)
+
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4.4))
+    for ax, name in zip(axes, ["gan_mnist", "gan_fashion", "ae_fashion"]):
+        fid = stages[name]["eval"].get("test/fid")
+        _show(ax, stages[name]["images"] / "samples_final.png", f"{name}: FID {_fmt(fid, 1)}")
+    fig.tight_layout()
+    fig.savefig(FIGURES / "samples.png", dpi=90)
+    plt.close("all")
+    shutil.copyfile(sweep / "rate_distortion.png", FIGURES / "rate_distortion.png")
+
+    print(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; ")
+    print(f"torch {torch.__version__}\n")
+    print("| experiment | commit | test −ELBO | test NLL (K=5000) | FID | IS | wall time |")
+    print("|---|---|---|---|---|---|---|")
+    for name, stage in stages.items():
+        ev = stage["eval"]
+        row = [
+            f"`{name}`",
+            stage["commit"],
+            _fmt(ev.get("test/neg_elbo")),
+            _fmt(ev.get("test/nll")),
+            _fmt(ev.get("test/fid"), 1),
+            _fmt(ev.get("test/is")),
+            _minutes(stage["wall_s"]),
+        ]
+        print("| " + " | ".join(row) + " |")
+
+    print("\n| | test KL | std of the codes | largest \\|code\\| | codes outside [-3, 3] |")
+    print("|---|---|---|---|---|")
+    data_dir = os.environ.get("GENLAB_DATA_DIR", "./data")
+    for name in ["seed_vae_mnist", "seed_vae_mnist_no_kl"]:
+        ckpt = results / name / "run" / "checkpoints" / "last.ckpt"
+        spread = code_spread(ckpt, data_dir)
+        kl = stages[name]["eval"].get("test/kl")
+        print(
+            f"| `{name}` | {_fmt(kl)} | {spread['std']:.2f} | {spread['max_abs']:.1f} "
+            f"| {100 * spread['outside_3']:.1f}% |"
+        )
+
+    nll = stages["vae_mnist_nll"]["eval"].get("test/nll")
+    print(f"\nvae_mnist_nll: test NLL {_fmt(nll)} nats; Burda et al. {BURDA_VAE_NLL}; ", end="")
+    print(f"gap {_fmt(None if nll is None else nll - BURDA_VAE_NLL)} nats")
+    print(f"\nSweep ({_minutes(_wall(sweep))}):\n")
+    print((sweep / "summary.md").read_text())
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1] if len(sys.argv) > 1 else "outputs/results"))
