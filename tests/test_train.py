@@ -173,6 +173,12 @@ def test_a_scheduler_sets_each_epochs_learning_rate(make_cfg, tmp_path, model, l
     assert len(checkpoint["lr_schedulers"]) == optimizers
 
 
+def test_a_scheduler_missing_an_argument_is_a_config_error(make_cfg):
+    cosine = "{_target_:torch.optim.lr_scheduler.CosineAnnealingLR,_partial_:true}"
+    with pytest.raises(GenlabError, match=r"model.scheduler \(CosineAnnealingLR\).*T_max"):
+        train(make_cfg(f"model.scheduler={cosine}"))
+
+
 def test_kl_warmup_ramps_the_training_objective(make_cfg, tmp_path):
     train(
         make_cfg(

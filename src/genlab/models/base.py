@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from genlab.errors import TrainingDiverged
+from genlab.errors import GenlabError, TrainingDiverged
 
 RECON_LOSSES = ("bce", "mse")
 # Gaussian decoder with variance 1/2: -log p(x|z) = squared error + this constant per pixel.
@@ -241,7 +241,19 @@ class GenerativeModel(pl.LightningModule):
         if self.scheduler_factory is None:
             return optimizer
         # Stepped by Lightning once per epoch; its state is saved with the checkpoint.
-        return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer)}
+        return {"optimizer": optimizer, "lr_scheduler": self.build_scheduler(optimizer)}
+
+    def build_scheduler(self, optimizer: torch.optim.Optimizer) -> Any:
+        """``model.scheduler`` for ``optimizer``; a missing argument is a config error."""
+        try:
+            return self.scheduler_factory(optimizer)
+        except TypeError as err:
+            name = getattr(self.scheduler_factory, "func", self.scheduler_factory)
+            raise GenlabError(
+                f"model.scheduler ({name.__name__}) could not be built: {err}. Add the missing "
+                f"option as model.scheduler.<option>=<value>, or train without a schedule: "
+                f"model.scheduler=null."
+            ) from err
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.run_config is not None:

@@ -118,4 +118,4 @@ class GAN(GenerativeModel):
         ]
         if self.scheduler_factory is None:
             return optimizers
-        return optimizers, [self.scheduler_factory(optimizer) for optimizer in optimizers]
+        return optimizers, [self.build_scheduler(optimizer) for optimizer in optimizers]
