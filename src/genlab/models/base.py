@@ -90,6 +90,10 @@ class GenerativeModel(pl.LightningModule):
     declare the names it returns in ``metric_names``, and may override
     ``training_step``.
 
+    ``optimizer`` builds an optimiser from parameters (``model.optimizer``),
+    ``scheduler``, when given, a learning-rate scheduler from that optimiser
+    (``model.scheduler``, stepped once per epoch).
+
     Training stops with `TrainingDiverged` as soon as a training metric is
     NaN or infinite, before anything is saved from the broken weights.
     """
