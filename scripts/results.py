@@ -102,7 +102,9 @@ def main(results: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(12, 4.4))
     for ax, name in zip(axes, ["gan_mnist", "gan_fashion", "ae_fashion"]):
         fid = stages[name]["eval"].get("test/fid")
-        _show(ax, stages[name]["images"] / "samples_final.png", f"{name}: FID {_fmt(fid, 1)}")
+        # The AE's samples decode a Gaussian fitted to its codes: samples_fitted_gaussian_final.png.
+        (samples,) = stages[name]["images"].glob("samples*_final.png")
+        _show(ax, samples, f"{name}: FID {_fmt(fid, 1)}")
     fig.tight_layout()
     fig.savefig(FIGURES / "samples.png", dpi=90)
     plt.close("all")
