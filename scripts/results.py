@@ -42,11 +42,15 @@ def _stage(results: Path, name: str) -> dict:
     """A stage's training metrics, evaluation metrics (if evaluated), wall time and commit."""
     folder = results / name
     commit = folder / "commit"
-    evaluation = folder / "eval" / "metrics.json"
+    evaluation_file = folder / "eval" / "metrics.json"
+    train = _read(folder / "run" / "metrics.json")
+    evaluation = _read(evaluation_file) if evaluation_file.is_file() else {}
     return {
-        "train": _read(folder / "run" / "metrics.json"),
-        "eval": _read(evaluation) if evaluation.is_file() else {},
-        "wall_s": _wall(folder),
+        "train": train,
+        "eval": evaluation,
+        # As each command measured itself.
+        "train_s": train.get("wall_time_s"),
+        "eval_s": evaluation.get("eval_wall_time_s"),
         "commit": commit.read_text().strip() if commit.is_file() else "?",
         "images": folder / "run" / "images",
     }
@@ -102,7 +106,9 @@ def main(results: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(12, 4.4))
     for ax, name in zip(axes, ["gan_mnist", "gan_fashion", "ae_fashion"]):
         fid = stages[name]["eval"].get("test/fid")
-        _show(ax, stages[name]["images"] / "samples_final.png", f"{name}: FID {_fmt(fid, 1)}")
+        # The AE's samples decode a Gaussian fitted to its codes: samples_fitted_gaussian_final.png.
+        (samples,) = stages[name]["images"].glob("samples*_final.png")
+        _show(ax, samples, f"{name}: FID {_fmt(fid, 1)}")
     fig.tight_layout()
     fig.savefig(FIGURES / "samples.png", dpi=90)
     plt.close("all")
@@ -110,8 +116,9 @@ def main(results: Path) -> None:
 
     print(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; ")
     print(f"torch {torch.__version__}\n")
-    print("| experiment | commit | test −ELBO | test NLL (K=5000) | FID | IS | wall time |")
-    print("|---|---|---|---|---|---|---|")
+    header = "| experiment | commit | test −ELBO | test NLL (K=5000) | FID | IS | training | evaluation |"
+    print(header)
+    print("|---|---|---|---|---|---|---|---|")
     for name, stage in stages.items():
         ev = stage["eval"]
         row = [
@@ -121,7 +128,8 @@ def main(results: Path) -> None:
             _fmt(ev.get("test/nll")),
             _fmt(ev.get("test/fid"), 1),
             _fmt(ev.get("test/is")),
-            _minutes(stage["wall_s"]),
+            _minutes(stage["train_s"]),
+            _minutes(stage["eval_s"]),
         ]
         print("| " + " | ".join(row) + " |")
 
