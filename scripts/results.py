@@ -8,6 +8,7 @@ tables in Markdown. Needs every stage's run; a missing one is named.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import platform
@@ -58,6 +59,22 @@ def _stage(results: Path, name: str) -> dict:
 
 def _fmt(value: float | None, digits: int = 2) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _cpu_name() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _sweep_cell(key: str, value: str) -> str:
+    number = float(value)
+    if key == "test/knn_acc":
+        return f"{number:.3f}"
+    return f"{number:g}" if number.is_integer() or key.startswith("model.") else f"{number:.1f}"
 
 
 def _minutes(seconds: float | None) -> str:
@@ -114,8 +131,7 @@ def main(results: Path) -> None:
     plt.close("all")
     shutil.copyfile(sweep / "rate_distortion.png", FIGURES / "rate_distortion.png")
 
-    print(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; ")
-    print(f"torch {torch.__version__}\n")
+    print(f"Machine: {_cpu_name()}, {os.cpu_count()} cores; torch {torch.__version__}\n")
     header = "| experiment | commit | test −ELBO | test NLL (K=5000) | FID | IS | training | evaluation |"
     print(header)
     print("|---|---|---|---|---|---|---|---|")
@@ -148,8 +164,22 @@ def main(results: Path) -> None:
     nll = stages["vae_mnist_nll"]["eval"].get("test/nll")
     print(f"\nvae_mnist_nll: test NLL {_fmt(nll)} nats; Burda et al. {BURDA_VAE_NLL}; ", end="")
     print(f"gap {_fmt(None if nll is None else nll - BURDA_VAE_NLL)} nats")
-    print(f"\nSweep ({_minutes(_wall(sweep))}):\n")
-    print((sweep / "summary.md").read_text())
+    print(f"\nSweep ({_minutes(_wall(sweep))}), from {sweep / 'summary.csv'}:\n")
+    columns = {
+        "model.latent_dim": "latent_dim",
+        "model.beta": "beta",
+        "test/neg_elbo": "test −ELBO",
+        "test/nll": "test NLL (K=100)",
+        "test/recon": "distortion (recon)",
+        "test/kl": "rate (KL)",
+        "test/active_units": "active units",
+        "test/knn_acc": "k-NN accuracy",
+    }
+    print("| " + " | ".join(columns.values()) + " |")
+    print("|" + "---|" * len(columns))
+    with (sweep / "summary.csv").open() as f:
+        for row in csv.DictReader(f):
+            print("| " + " | ".join(_sweep_cell(key, row[key]) for key in columns) + " |")
 
 
 if __name__ == "__main__":
