@@ -87,13 +87,18 @@ def _show(ax, path: Path, title: str) -> None:
     ax.axis("off")
 
 
-def code_spread(ckpt: Path, data_dir: str) -> dict[str, float]:
-    """How far a VAE's posterior means of the 10,000 test images lie from the prior's range."""
-    model = load_model(ckpt).eval()
-    data = ImageDataModule("mnist", data_dir, eval_batch_size=2000, download=False)
+def mnist_test_images(data_dir: str) -> torch.Tensor:
+    data = ImageDataModule("mnist", data_dir, eval_batch_size=10_000, download=False)
     data.setup("test")
+    (images, _), *_ = data.test_dataloader()
+    return images
+
+
+def code_spread(ckpt: Path, images: torch.Tensor) -> dict[str, float]:
+    """How far a VAE's posterior means of the test images lie from the prior's range."""
+    model = load_model(ckpt).eval()
     with torch.no_grad():
-        mu = torch.cat([model.encode(x)[0] for x, _ in data.test_dataloader()])
+        mu = model.encode(images)[0]
     return {
         "std": float(mu.std(0).mean()),
         "max_abs": float(mu.abs().max()),
@@ -151,10 +156,10 @@ def main(results: Path) -> None:
 
     print("\n| | test KL | std of the codes | largest \\|code\\| | codes outside [-3, 3] |")
     print("|---|---|---|---|---|")
-    data_dir = os.environ.get("GENLAB_DATA_DIR", "./data")
+    test_images = mnist_test_images(os.environ.get("GENLAB_DATA_DIR", "./data"))
     for name in ["seed_vae_mnist", "seed_vae_mnist_no_kl"]:
         ckpt = results / name / "run" / "checkpoints" / "last.ckpt"
-        spread = code_spread(ckpt, data_dir)
+        spread = code_spread(ckpt, test_images)
         kl = stages[name]["eval"].get("test/kl")
         print(
             f"| `{name}` | {_fmt(kl)} | {spread['std']:.2f} | {spread['max_abs']:.1f} "

@@ -106,10 +106,8 @@ class GAN(GenerativeModel):
     def on_train_epoch_end(self) -> None:
         super().on_train_epoch_end()
         # Manual optimisation: Lightning leaves the schedulers to us.
-        schedulers = self.lr_schedulers()
-        for scheduler in schedulers if isinstance(schedulers, list) else [schedulers]:
-            if scheduler is not None:
-                scheduler.step()
+        for config in self.trainer.lr_scheduler_configs:
+            config.scheduler.step()
 
     def configure_optimizers(self) -> Any:
         optimizers = [
