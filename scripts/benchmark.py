@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -58,7 +59,7 @@ def _seed_vae(width: int, fused: bool = False):
     return encoder, decoder, torch.optim.Adam(params, 1e-3, fused=fused or None)
 
 
-def _vae_step(encoder, decoder, optimizer, x) -> None:
+def _vae_loss(encoder, decoder, x):
     import torch
     import torch.nn.functional as F
 
@@ -67,7 +68,11 @@ def _vae_step(encoder, decoder, optimizer, x) -> None:
     z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
     recon = F.binary_cross_entropy_with_logits(decoder(z), x, reduction="sum")
     kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum()
-    loss = (recon + kl) / x.size(0)
+    return (recon + kl) / x.size(0)
+
+
+def _vae_step(encoder, decoder, optimizer, x) -> None:
+    loss = _vae_loss(encoder, decoder, x)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -106,6 +111,53 @@ def _plain_worker(args: argparse.Namespace) -> dict:
         return (data[order[i : i + args.batch_size]] for i in range(0, TRAIN_SIZE, args.batch_size))
 
     return _timed_epochs(args, args.worker == "plain_fused", batches)
+
+
+def _lightning_worker(args: argparse.Namespace) -> dict:
+    """The plain loop's model, fused Adam and batches inside a bare Lightning Trainer
+    (no logger, checkpoints, progress bar, summary or pictures): Lightning's own cost."""
+    import pytorch_lightning as pl
+    import torch
+    from epoch_clock import EpochClock
+    from torchvision.datasets import MNIST
+
+    torch.manual_seed(0)
+    images = MNIST(args.data_dir, train=True).data[:TRAIN_SIZE]
+    data = (images.float() / 255).unsqueeze(1)
+    encoder, decoder, optimizer = _seed_vae(args.width, fused=True)
+
+    class Batches:
+        def __len__(self) -> int:
+            return math.ceil(TRAIN_SIZE / args.batch_size)
+
+        def __iter__(self):
+            order = torch.randperm(TRAIN_SIZE)
+            for i in range(0, TRAIN_SIZE, args.batch_size):
+                yield data.index_select(0, order[i : i + args.batch_size])
+
+    class SeedVAE(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.encoder, self.decoder = encoder, decoder
+
+        def training_step(self, x, batch_idx):
+            return _vae_loss(self.encoder, self.decoder, x)
+
+        def configure_optimizers(self):
+            return optimizer
+
+    clock = EpochClock(args.worker_out)
+    trainer = pl.Trainer(
+        accelerator="gpu" if args.device == "cuda" else "cpu",
+        max_epochs=args.epochs + 1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[clock],
+    )
+    trainer.fit(SeedVAE(), train_dataloaders=Batches())
+    return json.loads(Path(args.worker_out).read_text())
 
 
 def _dataloader_worker(args: argparse.Namespace) -> dict:
@@ -283,7 +335,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128, help=argparse.SUPPRESS)
     parser.add_argument("--width", type=int, default=256, help=argparse.SUPPRESS)
     parser.add_argument(
-        "--worker", choices=["plain", "plain_fused", "dataloader"], help=argparse.SUPPRESS
+        "--worker",
+        choices=["plain", "plain_fused", "lightning", "dataloader"],
+        help=argparse.SUPPRESS,
     )
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
     parser.add_argument(
@@ -294,13 +348,20 @@ def main() -> None:
     args = parser.parse_args()  # fmt: skip
 
     if args.worker:
-        record = (_dataloader_worker if args.worker == "dataloader" else _plain_worker)(args)
+        workers = {"dataloader": _dataloader_worker, "lightning": _lightning_worker}
+        record = workers.get(args.worker, _plain_worker)(args)
         Path(args.worker_out).write_text(json.dumps(record))
         return
     if args.epochs < 3:
         parser.error("--epochs must be at least 3 (the medians need them)")
 
-    runs: dict[str, list[dict]] = {"genlab": [], "plain": [], "plain_fused": [], "dataloader": []}
+    runs: dict[str, list[dict]] = {
+        "genlab": [],
+        "plain": [],
+        "plain_fused": [],
+        "lightning": [],
+        "dataloader": [],
+    }
     end_to_end: list[float] = []
     scaling = []
     with tempfile.TemporaryDirectory(prefix="genlab-benchmark-") as tmp:
@@ -310,6 +371,7 @@ def main() -> None:
             runs["genlab"].append(_genlab(args, workdir, 128, 256, f"genlab{i}"))
             runs["plain"].append(_worker(args, "plain", workdir, 128, 256, f"plain{i}"))
             runs["plain_fused"].append(_worker(args, "plain_fused", workdir, 128, 256, f"fused{i}"))
+            runs["lightning"].append(_worker(args, "lightning", workdir, 128, 256, f"lightning{i}"))
             if i == 0:  # many times slower: one run measures it well enough
                 runs["dataloader"].append(
                     _worker(args, "dataloader", workdir, 128, 256, "dataloader")
@@ -319,7 +381,8 @@ def main() -> None:
             print(
                 f"  round {i + 1}/{args.rounds}: genlab {runs['genlab'][-1]['epoch_s']:.2f} s, "
                 f"plain {runs['plain'][-1]['epoch_s']:.2f} s, "
-                f"plain with fused Adam {runs['plain_fused'][-1]['epoch_s']:.2f} s per epoch",
+                f"plain with fused Adam {runs['plain_fused'][-1]['epoch_s']:.2f} s, "
+                f"bare Lightning {runs['lightning'][-1]['epoch_s']:.2f} s per epoch",
                 flush=True,
             )
         if args.options:
@@ -371,6 +434,12 @@ def _report(args, results: dict, end_to_end: float | None, scaling: list) -> str
         ),
         _row(
             "plain loop with fused Adam (genlab's default optimizer)", results["plain_fused"], plain
+        ),
+        _row(
+            "the fused-Adam plain loop in a bare Lightning Trainer (no logger, checkpoints, "
+            "progress bar or pictures)",
+            results["lightning"],
+            plain,
         ),
         _row("torchvision Dataset + ToTensor + DataLoader", results["dataloader"], plain),
         *(
