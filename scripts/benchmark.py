@@ -12,12 +12,16 @@ the 55,000 training images genlab keeps after its validation split).
               Lightning Trainer, TensorBoard logging, checkpoints, progress bar,
               image logging), with validation off as in the plain loops; per-epoch
               times come from a small callback (scripts/epoch_clock.py).
-  plain       a hand-written loop: the training set as one tensor, batches by index.
+  plain       a hand-written loop: the training set as one tensor, batches by index
+              (torch's default Adam, and again with the fused Adam genlab uses).
+  lightning   the fused plain loop's model and batches in a bare Lightning Trainer:
+              what Lightning's training loop costs before any of genlab's features.
   dataloader  the usual torchvision loop: MNIST Dataset + ToTensor + DataLoader.
 
 Each variant runs in a fresh process: start-up is process start to the first
-training step; peak memory is the process's maximum resident set. Epoch times
-are medians over --epochs epochs after one warm-up epoch. The "genlab end to
+training step (the report also gives what imports alone cost); peak memory is
+the process's maximum resident set. Epoch times are medians over --epochs
+epochs after one warm-up epoch. The "genlab end to
 end" row is (t(5) - t(1)) / 4 of whole ``genlab-train`` runs of 5 and 1 epochs.
 """
 
@@ -266,6 +270,15 @@ def _end_to_end(args, workdir: Path) -> float:
     return (walls[5] - walls[1]) / 4
 
 
+def _import_seconds(statement: str, runs: int = 3) -> float:
+    """Median wall time of a fresh ``python -c <statement>``: the start-up that imports alone cost."""
+    return statistics.median(_run([sys.executable, "-c", statement])[1] for _ in range(runs))
+
+
+# What each kind of run imports before its first step.
+IMPORTS = {"genlab": "import genlab.train", "plain": "import torch, torchvision"}
+
+
 def _machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -401,16 +414,22 @@ def main() -> None:
                         flush=True,
                     )
 
+        imports = {name: _import_seconds(statement) for name, statement in IMPORTS.items()}
+
     results = {name: _merge(r) for name, r in runs.items()}
-    report = _report(args, results, statistics.median(end_to_end) if end_to_end else None, scaling)
+    end_to_end_s = statistics.median(end_to_end) if end_to_end else None
+    report = _report(args, results, end_to_end_s, scaling, imports)
     print(report)
     Path(args.out).write_text(report)
     print(f"Written to {args.out}")
 
 
-def _report(args, results: dict, end_to_end: float | None, scaling: list) -> str:
+def _report(
+    args, results: dict, end_to_end: float | None, scaling: list, imports: dict[str, float]
+) -> str:
     plain = results["plain"]["epoch_s"]
     genlab = results["genlab"]["epoch_s"]
+    fused, floor = results["plain_fused"]["epoch_s"], results["lightning"]["epoch_s"]
     command = " ".join(["python scripts/benchmark.py", *sys.argv[1:]])
     lines = [
         "# Benchmarks",
@@ -458,6 +477,19 @@ def _report(args, results: dict, end_to_end: float | None, scaling: list) -> str
         + (f"{end_to_end / plain:.2f}" if end_to_end is not None else "not measured")
         + f"); dataloader / genlab >= 2.5 (measured {results['dataloader']['epoch_s'] / genlab:.2f}); "
         f"start-up <= 5 s (measured {results['genlab']['startup_s']:.1f} s).",
+        "",
+        (
+            f"Against the plain loop with genlab's fused Adam ({fused:.2f} s), genlab takes "
+            f"{genlab / fused:.2f}x and the bare Lightning Trainer {floor / fused:.2f}x: of genlab's "
+            f"{genlab - fused:.2f} s per epoch above that loop, {floor - fused:.2f} s is Lightning's "
+            "training loop itself."
+        ),
+        "",
+        (
+            f"Start-up is mostly imports: `{IMPORTS['genlab']}` (Lightning, which imports "
+            f"torchmetrics, torchvision and torch) takes {imports['genlab']:.1f} s in a fresh "
+            f"process, `{IMPORTS['plain']}` {imports['plain']:.1f} s (medians of 3)."
+        ),
         "",
         "`t(n)`: the wall time of `genlab-train experiment=seed_vae_mnist trainer.max_epochs=n "
         + " ".join(GENLAB_FLAGS)
