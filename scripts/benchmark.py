@@ -270,9 +270,9 @@ def _end_to_end(args, workdir: Path) -> float:
     return (walls[5] - walls[1]) / 4
 
 
-def _import_seconds(statement: str, runs: int = 3) -> float:
-    """Median wall time of a fresh ``python -c <statement>``: the start-up that imports alone cost."""
-    return statistics.median(_run([sys.executable, "-c", statement])[1] for _ in range(runs))
+def _import_seconds(statement: str) -> float:
+    """Wall time of a fresh ``python -c <statement>``: the start-up that imports alone cost."""
+    return _run([sys.executable, "-c", statement])[1]
 
 
 # What each kind of run imports before its first step.
@@ -376,6 +376,7 @@ def main() -> None:
         "dataloader": [],
     }
     end_to_end: list[float] = []
+    imports: dict[str, list[float]] = {name: [] for name in IMPORTS}
     scaling = []
     with tempfile.TemporaryDirectory(prefix="genlab-benchmark-") as tmp:
         workdir = Path(tmp)
@@ -391,6 +392,8 @@ def main() -> None:
                 )
             if args.device == "cpu":
                 end_to_end.append(_end_to_end(args, workdir / f"round{i}"))
+            for name, statement in IMPORTS.items():
+                imports[name].append(_import_seconds(statement))
             print(
                 f"  round {i + 1}/{args.rounds}: genlab {runs['genlab'][-1]['epoch_s']:.2f} s, "
                 f"plain {runs['plain'][-1]['epoch_s']:.2f} s, "
@@ -414,11 +417,10 @@ def main() -> None:
                         flush=True,
                     )
 
-        imports = {name: _import_seconds(statement) for name, statement in IMPORTS.items()}
-
     results = {name: _merge(r) for name, r in runs.items()}
     end_to_end_s = statistics.median(end_to_end) if end_to_end else None
-    report = _report(args, results, end_to_end_s, scaling, imports)
+    import_s = {name: statistics.median(times) for name, times in imports.items()}
+    report = _report(args, results, end_to_end_s, scaling, import_s)
     print(report)
     Path(args.out).write_text(report)
     print(f"Written to {args.out}")
@@ -488,7 +490,7 @@ def _report(
         (
             f"Start-up is mostly imports: `{IMPORTS['genlab']}` (Lightning, which imports "
             f"torchmetrics, torchvision and torch) takes {imports['genlab']:.1f} s in a fresh "
-            f"process, `{IMPORTS['plain']}` {imports['plain']:.1f} s (medians of 3)."
+            f"process, `{IMPORTS['plain']}` {imports['plain']:.1f} s (medians over the rounds)."
         ),
         "",
         "`t(n)`: the wall time of `genlab-train experiment=seed_vae_mnist trainer.max_epochs=n "

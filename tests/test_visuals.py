@@ -168,14 +168,44 @@ def test_pca_keeps_the_directions_of_largest_variance():
     assert points[:, 0].std() == pytest.approx(5.0, rel=0.1)
 
 
+BLUE, RED = (0x1F, 0x77, 0xB4), (0xD6, 0x27, 0x28)  # tab10's colours of classes 0 and 3
+
+
+def _pixels_of(image: torch.Tensor, rgb: tuple[int, int, int]) -> torch.Tensor:
+    """(row, column) of every pixel of colour ``rgb`` left of the scatter's legend, whose
+    markers have the classes' colours too (the axes end at 78% of the width)."""
+    plot = image[:, :, : int(0.78 * image.size(2))]
+    return (plot == torch.tensor(rgb, dtype=torch.uint8).view(3, 1, 1)).all(0).nonzero().float()
+
+
 def test_the_scatter_colours_each_class():
     codes = torch.tensor([[0.0, 0.0], [10.0, 10.0]]).repeat_interleave(200, 0)
     codes = codes + 0.1 * torch.randn_like(codes)
     labels = torch.tensor([0, 3]).repeat_interleave(200)
     image = visuals.latent_scatter(codes, labels, CLASS_NAMES["mnist"], "test")
     assert image.dtype == torch.uint8 and image.shape[0] == 3
-    pixels = {tuple(p) for p in image.flatten(1).T.tolist()}
-    assert (0x1F, 0x77, 0xB4) in pixels and (0xD6, 0x27, 0x28) in pixels  # tab10 blue and red
+    assert len(_pixels_of(image, BLUE)) > 200 and len(_pixels_of(image, RED)) > 200
+
+
+def test_the_scatter_puts_points_where_its_axes_say():
+    generator = torch.Generator().manual_seed(0)
+    codes = torch.tensor([[0.0, 0.0], [10.0, 10.0]]).repeat_interleave(200, 0)
+    codes = codes + 0.1 * torch.randn(codes.shape, generator=generator)
+    labels = torch.tensor([0, 3]).repeat_interleave(200)
+    image = visuals.latent_scatter(codes, labels, CLASS_NAMES["mnist"], "test")
+    (blue_row, blue_col), (red_row, red_col) = (_pixels_of(image, c).mean(0) for c in (BLUE, RED))
+    # Class 3 sits at larger z1 (right) and larger z2 (up: smaller image rows).
+    assert red_col > blue_col + 200 and red_row < blue_row - 200
+
+
+def test_each_scatter_fits_its_own_points():
+    labels = torch.zeros(1000, dtype=torch.long)
+    wide = torch.rand(1000, 2) * 100
+    visuals.latent_scatter(wide, labels, CLASS_NAMES["mnist"], "wide")
+    narrow = visuals.latent_scatter(wide / 100, labels, CLASS_NAMES["mnist"], "narrow")
+    columns, rows = _pixels_of(narrow, BLUE)[:, 1], _pixels_of(narrow, BLUE)[:, 0]
+    # The axes span about 440 x 450 pixels: the narrow points fill them, not a corner of them.
+    assert columns.max() - columns.min() > 350 and rows.max() - rows.min() > 350
 
 
 def test_a_vae_ranks_its_latent_dims_by_kl(make_cfg):
