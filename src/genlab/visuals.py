@@ -101,9 +101,9 @@ def latent_scatter(codes: Tensor, labels: Tensor, class_names: list[str], title:
 
 @functools.lru_cache(maxsize=4)
 def _scatter_figure(class_names: tuple[str, ...]) -> tuple[Any, Any, Any, Any]:
-    """The scatter's figure, axes, point collection and class colours, built once per
-    set of class names and redrawn for every picture: building the axes and the
-    legend anew took a third of each picture's time."""
+    """The scatter's figure, axes, image of the points and class colours, built once
+    per set of class names and redrawn for every picture: building the axes and
+    the legend anew took a third of each picture's time."""
     # Imported here: matplotlib costs a second of start-up that runs without images never pay.
     import numpy as np
     from matplotlib import colormaps
@@ -131,7 +131,7 @@ def _scatter_figure(class_names: tuple[str, ...]) -> tuple[Any, Any, Any, Any]:
     return figure, ax, points_image, palette
 
 
-# Each point covers this many pixels in each direction: the area of a 2-point² marker at 100 dpi.
+# Each point is a square of this many pixels a side: at 100 dpi, about a matplotlib marker of size 2.
 _POINT_PIXELS = 2
 
 
