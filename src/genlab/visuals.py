@@ -144,22 +144,20 @@ def _raster(
     transparent elsewhere. Ten thousand markers drawn by matplotlib one by one
     took half of the scatter's time; this takes a few milliseconds."""
     (height, width), (x0, x1, y0, y1) = size, limits
+    order = torch.randperm(len(points), generator=torch.Generator().manual_seed(0))
+    points, colours = points[order], colours[order]
     column = ((points[:, 0] - x0) / (x1 - x0) * width - _POINT_PIXELS / 2).floor().long()
     row = ((points[:, 1] - y0) / (y1 - y0) * height - _POINT_PIXELS / 2).floor().long()
-    rank = torch.randperm(len(points), generator=torch.Generator().manual_seed(0))
     offsets = torch.arange(_POINT_PIXELS)
     rows = (row[:, None, None] + offsets[None, :, None]).expand(-1, -1, _POINT_PIXELS)
     columns = (column[:, None, None] + offsets[None, None, :]).expand(-1, _POINT_PIXELS, -1)
-    ranks = rank[:, None, None].expand_as(rows)
+    drawn = torch.arange(len(points))[:, None, None].expand_as(rows)  # drawing order
     inside = (rows >= 0) & (rows < height) & (columns >= 0) & (columns < width)
-    pixel = (rows * width + columns)[inside]
-    # Every pixel shows the point ranked last among those covering it.
+    # Every pixel shows the last drawn of the points covering it.
     top = torch.full((height * width,), -1, dtype=torch.long)
-    top.scatter_reduce_(0, pixel, ranks[inside], reduce="amax")
-    by_rank = torch.empty_like(rank)
-    by_rank[rank] = torch.arange(len(points))
+    top.scatter_reduce_(0, (rows * width + columns)[inside], drawn[inside], reduce="amax")
     image = torch.zeros(height * width, 4)
     covered = top >= 0
-    image[covered, :3] = colours[by_rank[top[covered]]]
+    image[covered, :3] = colours[top[covered]]
     image[covered, 3] = 1.0
     return image.view(height, width, 4)
