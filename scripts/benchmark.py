@@ -101,14 +101,21 @@ def _timed_epochs(args: argparse.Namespace, fused: bool, epoch_batches) -> dict:
     return {"epoch_starts": starts, "end": time.time()}
 
 
-def _plain_worker(args: argparse.Namespace) -> dict:
+def _training_images(args: argparse.Namespace):
+    """genlab's 55,000 training images as one float tensor on ``args.device``."""
     import torch
     from torchvision.datasets import MNIST
 
+    images = MNIST(args.data_dir, train=True).data[:TRAIN_SIZE]
+    return (images.float() / 255).unsqueeze(1).to(torch.device(args.device))
+
+
+def _plain_worker(args: argparse.Namespace) -> dict:
+    import torch
+
     device = torch.device(args.device)
     torch.manual_seed(0)
-    images = MNIST(args.data_dir, train=True).data[:TRAIN_SIZE]
-    data = (images.float() / 255).unsqueeze(1).to(device)
+    data = _training_images(args)
 
     def batches():
         order = torch.randperm(TRAIN_SIZE, device=device)
@@ -123,11 +130,9 @@ def _lightning_worker(args: argparse.Namespace) -> dict:
     import pytorch_lightning as pl
     import torch
     from epoch_clock import EpochClock
-    from torchvision.datasets import MNIST
 
     torch.manual_seed(0)
-    images = MNIST(args.data_dir, train=True).data[:TRAIN_SIZE]
-    data = (images.float() / 255).unsqueeze(1)
+    data = _training_images(args)
     encoder, decoder, optimizer = _seed_vae(args.width, fused=True)
 
     class Batches:
@@ -135,7 +140,7 @@ def _lightning_worker(args: argparse.Namespace) -> dict:
             return math.ceil(TRAIN_SIZE / args.batch_size)
 
         def __iter__(self):
-            order = torch.randperm(TRAIN_SIZE)
+            order = torch.randperm(TRAIN_SIZE, device=data.device)
             for i in range(0, TRAIN_SIZE, args.batch_size):
                 yield data.index_select(0, order[i : i + args.batch_size])
 
@@ -279,16 +284,19 @@ def _import_seconds(statement: str) -> float:
 IMPORTS = {"genlab": "import genlab.train", "plain": "import torch, torchvision"}
 
 
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
+def cpu_name() -> str:
+    """The processor's model name (Linux), else what ``platform`` knows of it."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return f"{cpu}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}"
+    return platform.processor() or platform.machine()
+
+
+def _machine() -> str:
+    return f"{cpu_name()}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}"
 
 
 def _versions() -> str:

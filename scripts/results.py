@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import platform
 import shutil
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import matplotlib.image as mpimg
 import matplotlib.pyplot as plt
 import torch
+from benchmark import cpu_name  # scripts/benchmark.py, beside this file
 
 from genlab.data import ImageDataModule
 from genlab.run import load_model
@@ -59,15 +59,6 @@ def _stage(results: Path, name: str) -> dict:
 
 def _fmt(value: float | None, digits: int = 2) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
-
-
-def _cpu_name() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def _sweep_cell(key: str, value: str) -> str:
@@ -136,7 +127,7 @@ def main(results: Path) -> None:
     plt.close("all")
     shutil.copyfile(sweep / "rate_distortion.png", FIGURES / "rate_distortion.png")
 
-    print(f"Machine: {_cpu_name()}, {os.cpu_count()} cores; torch {torch.__version__}\n")
+    print(f"Machine: {cpu_name()}, {os.cpu_count()} cores; torch {torch.__version__}\n")
     header = "| experiment | commit | test −ELBO | test NLL (K=5000) | FID | IS | training | evaluation |"
     print(header)
     print("|---|---|---|---|---|---|---|---|")
