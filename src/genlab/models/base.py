@@ -4,7 +4,7 @@ seeded evaluation noise, and the run config stored in each checkpoint."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import pytorch_lightning as pl
@@ -82,6 +82,35 @@ def _writes_step_logs(trainer: pl.Trainer) -> bool:
     return getattr(connector, "should_update_logs", True)
 
 
+def _floats(tensors: Iterable[Tensor]) -> list[float]:
+    """The values of one-element tensors on one device, as Python floats."""
+    tensors = tuple(tensors)
+    if tensors and tensors[0].device.type == "cpu":
+        # One .item() each: right after a step's large kernels, a stack costs
+        # more than the four reads (tens of microseconds per op: cold caches).
+        return [t.item() for t in tensors]
+    # One copy from a GPU (each copy waits for the device).
+    return torch.stack([t.detach() for t in tensors]).tolist()
+
+
+class _EpochSums:
+    """Running sums over examples of one training epoch's metrics, by name.
+
+    Python floats: float64, where a bf16 or float32 sum of 55,000 losses
+    would lose digits, and no tensor ops in the training step.
+    """
+
+    def __init__(self, sums: dict[str, float] | None = None, count: int = 0):
+        self.sums = {name: float(value) for name, value in (sums or {}).items()}
+        self.count = count
+
+    def add(self, names: Iterable[str], values: list[float], batch_size: int) -> None:
+        sums = self.sums
+        for name, value in zip(names, values):
+            sums[name] = sums.get(name, 0.0) + value * batch_size
+        self.count += batch_size
+
+
 class GenerativeModel(pl.LightningModule):
     """Base class of the AE, VAE and GAN LightningModules.
 
@@ -120,10 +149,7 @@ class GenerativeModel(pl.LightningModule):
         # Set by genlab.train to the run's resolved config; stored in every
         # checkpoint so a checkpoint alone is enough to rebuild the model.
         self.run_config: dict[str, Any] | None = None
-        # Running sums of this epoch's training metrics (one tensor, names alongside).
-        self._sum_names: tuple[str, ...] = ()
-        self._sums: Tensor | None = None
-        self._train_count = 0
+        self._epoch_sums = _EpochSums()
 
     def __setattr__(self, name: str, value: Any) -> None:
         # Lightning records the hook it is in (_current_fx_name, a string or None)
@@ -173,44 +199,34 @@ class GenerativeModel(pl.LightningModule):
             return
         # A self.log call costs about 1 ms of Lightning bookkeeping, as much as
         # a whole training step of a small model, so the epoch means are summed
-        # here, all metrics in one tensor (in float32: a bf16 sum stops growing
-        # at 2^15), and Lightning only sees per-step values on the steps it writes out.
-        values = torch.stack([v.detach() for v in metrics.values()]).float()
+        # here and Lightning only sees per-step values on the steps it writes out.
+        values = _floats(metrics.values())
         self._stop_if_diverged(metrics, values)
-        if self._sums is None:
-            self._sum_names, self._sums = tuple(metrics), values * batch_size
-        else:
-            self._sums = self._sums.to(values.device) + values * batch_size
-        self._train_count += batch_size
+        self._epoch_sums.add(metrics, values, batch_size)
         if _writes_step_logs(self.trainer):
             self._log("train", metrics, on_step=True, batch_size=batch_size)
 
-    def _stop_if_diverged(self, metrics: dict[str, Tensor], values: Tensor) -> None:
-        # One host-device sync per step: cheap next to a step, and the only way
-        # to stop before a checkpoint is written from NaN weights.
-        if bool(torch.isfinite(values).all()):
-            return
-        bad = [
-            f"train/{k}={float(v.detach())}" for k, v in metrics.items() if not v.isfinite().all()
-        ]
-        raise TrainingDiverged(
-            f"Training diverged: {', '.join(bad)} at epoch {self.current_epoch}, "
-            f"step {self.global_step}."
-        )
+    def _stop_if_diverged(self, metrics: dict[str, Tensor], values: list[float]) -> None:
+        # Reading the values is one host-device sync per step: cheap next to a
+        # step, and the only way to stop before a checkpoint is written from NaN weights.
+        bad = [f"train/{k}={v}" for k, v in zip(metrics, values) if not math.isfinite(v)]
+        if bad:
+            raise TrainingDiverged(
+                f"Training diverged: {', '.join(bad)} at epoch {self.current_epoch}, "
+                f"step {self.global_step}."
+            )
 
     def on_train_epoch_start(self) -> None:
-        self._sum_names, self._sums = (), None
-        self._train_count = 0
+        self._epoch_sums = _EpochSums()
 
     def on_train_epoch_end(self) -> None:
-        if self._train_count:
-            # Summed over all processes (DDP) before dividing: the exact mean over every example.
-            reduce = self.trainer.strategy.reduce
-            count = reduce(
-                torch.tensor(float(self._train_count), device=self.device), reduce_op="sum"
-            )
-            sums = reduce(self._sums, reduce_op="sum")
-            means = dict(zip(self._sum_names, sums / count))
+        epoch = self._epoch_sums
+        if epoch.count:
+            # Summed over all processes (DDP), count last, before dividing: the
+            # exact mean over every example.
+            totals = torch.tensor([*epoch.sums.values(), float(epoch.count)], device=self.device)
+            totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
+            means = dict(zip(epoch.sums, totals[:-1] / totals[-1]))
             self._log("train", means, sync_dist=False)
 
     def _log(
@@ -274,8 +290,8 @@ class GenerativeModel(pl.LightningModule):
         if self.run_config is not None:
             checkpoint[CONFIG_KEY] = self.run_config
         checkpoint[_EPOCH_SUMS_KEY] = {
-            "sums": dict(zip(self._sum_names, [] if self._sums is None else self._sums.tolist())),
-            "count": self._train_count,
+            "sums": dict(self._epoch_sums.sums),
+            "count": self._epoch_sums.count,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -283,7 +299,4 @@ class GenerativeModel(pl.LightningModule):
         # on_train_epoch_start): carry on with the sums saved with it.
         saved = checkpoint.get(_EPOCH_SUMS_KEY)
         if saved is not None:
-            sums = saved["sums"]
-            self._sum_names = tuple(sums)
-            self._sums = torch.tensor(list(sums.values())) if sums else None
-            self._train_count = saved["count"]
+            self._epoch_sums = _EpochSums(saved["sums"], saved["count"])
