@@ -203,3 +203,29 @@ def test_training_logs_step_values_and_their_epoch_mean(make_cfg, tmp_path):
     assert len(steps) == 3  # every step (log_every_n_steps=1), all batches of 128
     assert epoch == pytest.approx(sum(steps) / 3, rel=1e-5)
     assert any(r.get("val/loss") for r in rows) and any(r.get("test/loss") for r in rows)
+
+
+def test_a_profiler_named_in_the_config_profiles_the_run(make_cfg, tmp_path):
+    # genlab swaps Lightning's default do-nothing profiler for a cheaper one; a real one still wins.
+    profiler = [
+        "++trainer.profiler._target_=pytorch_lightning.profilers.SimpleProfiler",
+        f"++trainer.profiler.dirpath={tmp_path}",
+        "++trainer.profiler.filename=profile",
+    ]
+    train(make_cfg("model=ae", *profiler))
+    report = (tmp_path / "fit-profile.txt").read_text()
+    assert "run_training_batch" in report and "[LightningModule]AE.optimizer_step" in report
+
+
+@pytest.mark.parametrize("clip", [None, 0.5])
+def test_gradients_are_clipped_at_every_step_only_when_asked(make_cfg, monkeypatch, clip):
+    norms = []
+    clip_grad_norm = torch.nn.utils.clip_grad_norm_
+
+    def recording(parameters, max_norm, *args, **kwargs):
+        norms.append(max_norm)
+        return clip_grad_norm(parameters, max_norm, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording)
+    train(make_cfg("model=vae", f"trainer.gradient_clip_val={'null' if clip is None else clip}"))
+    assert norms == ([] if clip is None else [clip] * 3)  # 3 training steps
