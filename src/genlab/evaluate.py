@@ -230,6 +230,7 @@ def evaluate_model(
     """Evaluate ``model`` on the test set of the data ``data_cfg`` describes, as
     ``options`` (an ``eval:`` config mapping) says; returns the metrics."""
     start = time.perf_counter()
+    runtime.keep_freed_memory()
     check_options(options)
     device = _device(options.device)
     model = model.to(device).eval()
@@ -316,7 +317,6 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 @hydra.main(config_path=str(CONF_DIR), config_name="eval", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     """Console entry point ``genlab-eval``."""
-    runtime.keep_freed_memory()
     with user_errors():
         evaluate(cfg)
 

@@ -193,7 +193,6 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     optimise it, e.g. Optuna), NaN for a job that failed or does not report it.
     """
     _quiet_third_party_noise()
-    runtime.keep_freed_memory()
     log.info("torch CPU threads: %d", torch.get_num_threads())
     if not _in_sweep():
         with user_errors():
