@@ -3,6 +3,7 @@
     python scripts/benchmark.py                 # the main table (about 10 minutes on 2 CPU cores)
     python scripts/benchmark.py --scaling       # plus epoch time against batch size and width
     python scripts/benchmark.py --options       # plus genlab with model.compile=true and bf16-mixed
+    python scripts/benchmark.py --speedups      # plus genlab with each of its speed-ups switched off
     python scripts/benchmark.py --device cuda   # the same on a GPU (data held on the GPU)
 
 Workload: experiment=seed_vae_mnist (MLP VAE 784-256-2, batch 128, Adam 1e-3,
@@ -234,8 +235,16 @@ def _genlab_command(args, run_dir: Path, epochs: int, *overrides: str) -> list[s
 
 
 def _genlab(
-    args, workdir: Path, batch_size: int, width: int, tag: str, extra: tuple[str, ...] = ()
+    args,
+    workdir: Path,
+    batch_size: int,
+    width: int,
+    tag: str,
+    extra: tuple[str, ...] = (),
+    without: str | None = None,
 ) -> dict:
+    """One genlab-train run, timed per epoch; ``without`` names a speed-up to switch off
+    (scripts/without_speedup.py)."""
     clock = workdir / f"{tag}.json"
     command = _genlab_command(
         args,
@@ -247,6 +256,8 @@ def _genlab(
         f"+callbacks.clock.path={clock}",
         *extra,
     )
+    if without is not None:
+        command = [sys.executable, str(SCRIPTS / "without_speedup.py"), without, *command[1:]]
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(SCRIPTS), os.environ.get("PYTHONPATH", "")]),
@@ -352,6 +363,9 @@ def main() -> None:
     parser.add_argument(
         "--options", action="store_true", help="also genlab with model.compile=true and bf16-mixed"
     )
+    parser.add_argument(
+        "--speedups", action="store_true", help="also genlab with each speed-up switched off"
+    )
     parser.add_argument("--out", default=str(REPO / "BENCHMARKS.md"), help="report to write")
     parser.add_argument("--batch-size", type=int, default=128, help=argparse.SUPPRESS)
     parser.add_argument("--width", type=int, default=256, help=argparse.SUPPRESS)
@@ -413,6 +427,9 @@ def main() -> None:
             for name, overrides in OPTIONS.items():
                 runs[name] = [_genlab(args, workdir, 128, 256, name, tuple(overrides))]
                 print(f"  genlab {' '.join(overrides)}: {runs[name][0]['epoch_s']:.2f} s per epoch")
+        speedups: dict[str, list[float]] = {}
+        if args.speedups:
+            speedups = _speedups(args, workdir)
         if args.scaling:
             for width in (256, 512, 1024):
                 for batch_size in (64, 128, 256, 512, 1024):
@@ -428,14 +445,63 @@ def main() -> None:
     results = {name: _merge(r) for name, r in runs.items()}
     end_to_end_s = statistics.median(end_to_end) if end_to_end else None
     import_s = {name: statistics.median(times) for name, times in imports.items()}
-    report = _report(args, results, end_to_end_s, scaling, import_s)
+    report = _report(args, results, end_to_end_s, scaling, import_s, speedups)
     print(report)
     Path(args.out).write_text(report)
     print(f"Written to {args.out}")
 
 
+def _speedups(args, workdir: Path) -> dict[str, list[float]]:
+    """Per round, how much longer an epoch takes with each speed-up switched off, as a
+    share of that epoch: runs interleaved, each against the round's run with all of them."""
+    from without_speedup import SPEEDUPS
+
+    worth: dict[str, list[float]] = {name: [] for name in SPEEDUPS if name != "none"}
+    for i in range(args.rounds):
+        times = {
+            name: _genlab(args, workdir, 128, 256, f"without_{name}{i}", without=name)["epoch_s"]
+            for name in SPEEDUPS
+        }
+        for name in worth:
+            worth[name].append((times[name] - times["none"]) / times[name])
+        print(
+            f"  speed-ups, round {i + 1}/{args.rounds}: "
+            + ", ".join(f"{name} {100 * worth[name][-1]:+.1f}%" for name in worth),
+            flush=True,
+        )
+    return worth
+
+
+def _speedup_lines(args, speedups: dict[str, list[float]]) -> list[str]:
+    from without_speedup import SPEEDUPS
+
+    lines = [
+        "",
+        "## What each speed-up is worth",
+        "",
+        f"`--speedups`: genlab with one speed-up switched off at a time (`scripts/without_speedup.py`), "
+        f"{args.rounds} interleaved rounds of every variant, {args.epochs} epochs each after a warm-up. "
+        "Worth: (epoch without it - epoch with all of them) / epoch without it, the median over "
+        "the rounds (each round against its own run with all of them), and the range.",
+        "",
+        "| speed-up | worth (% of an epoch) | range (%) |",
+        "|---|---|---|",
+    ]
+    for name, shares in speedups.items():
+        lines.append(
+            f"| {SPEEDUPS[name][0]} | {100 * statistics.median(shares):+.1f} | "
+            f"{100 * min(shares):+.1f} to {100 * max(shares):+.1f} |"
+        )
+    return lines
+
+
 def _report(
-    args, results: dict, end_to_end: float | None, scaling: list, imports: dict[str, float]
+    args,
+    results: dict,
+    end_to_end: float | None,
+    scaling: list,
+    imports: dict[str, float],
+    speedups: dict[str, list[float]],
 ) -> str:
     plain = results["plain"]["epoch_s"]
     genlab = results["genlab"]["epoch_s"]
@@ -505,6 +571,8 @@ def _report(
         + " ".join(GENLAB_FLAGS)
         + "`, median over the rounds.",
     ]
+    if speedups:
+        lines += _speedup_lines(args, speedups)
     if scaling:
         lines += [
             "",

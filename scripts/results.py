@@ -20,8 +20,8 @@ import matplotlib.pyplot as plt
 import torch
 from benchmark import cpu_name  # scripts/benchmark.py, beside this file
 
+from genlab.checkpoints import load_model
 from genlab.data import ImageDataModule
-from genlab.run import load_model
 
 FIGURES = Path(__file__).resolve().parent.parent / "docs" / "figures"
 # Burda et al. 2015, Table 1: VAE, one stochastic layer (50 units), k = 1, test NLL in nats.

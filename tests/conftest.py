@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from omegaconf import DictConfig
 
-from genlab import metrics
+from genlab import fid
 from genlab.config import compose_config
 from genlab.data import DATASETS, ImageDataModule
 from genlab.errors import GenlabError
@@ -82,7 +82,7 @@ def mnist_full(data_dir: Path) -> ImageDataModule:
 def cache_dir(tmp_path_factory, mnist_full: ImageDataModule) -> Path:
     """paths.cache_dir for the session, holding the FAST_EVAL MNIST classifier (trained here, once)."""
     path = tmp_path_factory.mktemp("cache")
-    metrics.cached_classifier(
+    fid.cached_classifier(
         path, "mnist", 0.1, mnist_full.splits["train"], mnist_full.splits["test"], batch_size=4096
     )
     return path

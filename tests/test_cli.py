@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +14,8 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from commands import command_env, command_path, genlab_train
+
 # The limits of the acceptance runs: one short epoch.
 ACCEPTANCE_LIMITS = [
     "trainer.max_epochs=1",
@@ -23,18 +23,6 @@ ACCEPTANCE_LIMITS = [
     "++trainer.limit_val_batches=5",
     "++trainer.limit_test_batches=5",
 ]
-
-
-def genlab_train(*args: str, data_dir: Path | None, cwd: Path) -> subprocess.CompletedProcess:
-    # The script installed beside this interpreter, even when its environment is not activated.
-    exe = shutil.which("genlab-train", path=str(Path(sys.executable).parent))
-    assert exe, "genlab-train is not installed: pip install -e '.[dev]'"
-    env = {k: v for k, v in os.environ.items() if k not in ("GENLAB_DATA_DIR", "HYDRA_FULL_ERROR")}
-    if data_dir is not None:
-        env["GENLAB_DATA_DIR"] = str(data_dir)
-    return subprocess.run(
-        [exe, *args], check=False, cwd=cwd, env=env, capture_output=True, text=True, timeout=300
-    )
 
 
 @pytest.mark.parametrize(
@@ -131,7 +119,7 @@ FAST_CLI = [
 _DRIVER = """
 import contextlib, io, json, os, signal, sys, traceback
 import pytorch_lightning as pl
-from genlab.train import main
+from genlab.cli import train_command as main
 
 class PressCtrlC(pl.Callback):  # a user pressing Ctrl-C during the third training step
     def on_train_batch_end(self, trainer, *args):
@@ -161,14 +149,12 @@ with open(results_file, "w") as f:
 
 
 def run_commands(cases: list[dict], data_dir: Path, cwd: Path) -> list[dict]:
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    env["GENLAB_DATA_DIR"] = str(data_dir)
     out = cwd / "results.json"
     done = subprocess.run(
         [sys.executable, "-c", _DRIVER, json.dumps(cases), str(out)],
         check=False,
         cwd=cwd,
-        env=env,
+        env=command_env(data_dir),
         capture_output=True,
         text=True,
         timeout=600,
@@ -285,10 +271,9 @@ def test_the_cli_reports_errors_cleanly_and_reproduces_a_run(data_dir, tmp_path)
 
 
 def test_a_run_killed_mid_training_resumes_to_the_end(data_dir, tmp_path):
-    exe = shutil.which("genlab-train", path=str(Path(sys.executable).parent))
     run_dir = tmp_path / "run"
     command = [
-        exe,
+        command_path("genlab-train"),
         "trainer.max_epochs=1",
         "++trainer.limit_train_batches=200",
         "++trainer.limit_val_batches=1",
@@ -303,8 +288,7 @@ def test_a_run_killed_mid_training_resumes_to_the_end(data_dir, tmp_path):
         "callbacks.images.projector_points=0",  # its files would be a folder in tensorboard/
         f"hydra.run.dir={run_dir}",
     ]
-    env = {**os.environ, "GENLAB_DATA_DIR": str(data_dir)}
-    env.pop("HYDRA_FULL_ERROR", None)
+    env = command_env(data_dir)
     last = run_dir / "checkpoints" / "last.ckpt"
 
     # kill -9 once a mid-epoch checkpoint exists and later steps have been logged.

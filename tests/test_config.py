@@ -6,8 +6,8 @@ import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from genlab import config
 from genlab.config import compose_config
+from genlab.config.validate import check_training_setup, validate
 from genlab.errors import GenlabError
 
 
@@ -15,8 +15,8 @@ def check(*overrides: str) -> None:
     """Compose and validate as genlab-train does before it reads any data."""
     cfg = compose_config(["paths.output_dir=/unused", *overrides])
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    config.validate(resolved)
-    config.check_training_setup(resolved, instantiate(cfg.model))
+    validate(resolved)
+    check_training_setup(resolved, instantiate(cfg.model))
 
 
 # (overrides, words the message must contain). The first ten are the ones every

@@ -8,7 +8,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from genlab.data import OFFICIAL_SHA256, BatchLoader, ImageDataModule, sha256
+from genlab.data import BatchLoader, ImageDataModule
+from genlab.data.files import OFFICIAL_SHA256, sha256
 from genlab.errors import GenlabError
 
 

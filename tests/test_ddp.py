@@ -8,9 +8,9 @@ import re
 import torch
 from hydra import compose, initialize_config_dir
 
+from commands import genlab_train
 from genlab.config import CONF_DIR, compose_config
 from genlab.data import BatchLoader
-from test_cli import genlab_train
 
 DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
 

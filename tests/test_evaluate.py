@@ -3,36 +3,28 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
+import re
 from pathlib import Path
 
+import numpy as np
 import pytest
-import yaml
+import torch
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from PIL import Image
 
+from commands import genlab_eval
 from conftest import FAST_EVAL
-from genlab import run
-from genlab.config import CONF_DIR, compose_config
-from genlab.errors import GenlabError
-from genlab.evaluate import evaluate, evaluate_model
+from genlab import visuals
+from genlab.checkpoints import load_model
+from genlab.config import compose_config
+from genlab.errors import GenlabError, find_user_error
+from genlab.evaluate import evaluate, generated_images
 from genlab.train import train
 
 NATS_METRICS = {"test/neg_elbo", "test/recon", "test/kl", "test/nll", "test/bpd"}
 GENERATION_METRICS = {"test/fid", "test/fid_train_vs_test", "test/is", "test/is_test_set"}
 CODE_METRICS = {"test/probe_acc", "test/knn_acc"}
-
-
-def genlab_eval(*args: str, data_dir: Path, cwd: Path) -> subprocess.CompletedProcess:
-    exe = shutil.which("genlab-eval", path=str(Path(sys.executable).parent))
-    assert exe, "genlab-eval is not installed: pip install -e '.[dev]'"
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    env["GENLAB_DATA_DIR"] = str(data_dir)
-    return subprocess.run(
-        [exe, *args], check=False, cwd=cwd, env=env, capture_output=True, text=True, timeout=300
-    )
 
 
 def eval_cfg(ckpt_path, out_dir: Path, cache_dir: Path, *overrides: str):
@@ -123,8 +115,8 @@ def test_after_fit_merges_the_evaluation_into_the_runs_metrics(make_cfg, cache_d
 
 
 def test_train_and_eval_configs_offer_the_same_evaluation_options():
-    train_eval = yaml.safe_load((CONF_DIR / "train.yaml").read_text())["eval"]
-    eval_eval = yaml.safe_load((CONF_DIR / "eval.yaml").read_text())["eval"]
+    train_eval = OmegaConf.to_container(compose_config(config_name="train").eval)
+    eval_eval = OmegaConf.to_container(compose_config(config_name="eval").eval)
     assert train_eval.pop("after_fit") is False
     assert train_eval.keys() == eval_eval.keys()
 
@@ -168,14 +160,29 @@ def test_checkpoints_of_the_wrong_kind_are_refused_by_name(cache_dir, tmp_path):
 
 
 def test_bad_evaluation_options_name_the_option(vae_checkpoint, cache_dir, tmp_path):
-    model = run.load_model(vae_checkpoint)
-    data = OmegaConf.create(model.run_config).data
     for override, option in [
         ("eval.nll_samples=0", "eval.nll_samples"),
         ("eval.device=tpu", "eval.device"),
         ("eval.classifier_epochs=0", "eval.classifier_epochs"),
         ("eval.test_examples=1", "eval.test_examples"),
     ]:
-        options = eval_cfg(vae_checkpoint, tmp_path, cache_dir, override).eval
+        cfg = eval_cfg(vae_checkpoint, tmp_path, cache_dir, override)
+        with pytest.raises(Exception) as err:
+            instantiate(cfg.eval)
+        assert re.search(option, str(find_user_error(err.value))), err.value
         with pytest.raises(GenlabError, match=option):
-            evaluate_model(model, data, options, str(cache_dir))
+            evaluate(cfg)
+
+
+def test_the_samples_scored_for_an_ae_are_the_samples_its_pictures_show(make_cfg, tmp_path):
+    # Pictures only at the end of fit: from the final weights, which a one-epoch run tests.
+    cfg = make_cfg(
+        "model=ae", "callbacks.images.every_n_epochs=0", "callbacks.images.fit_points=700"
+    )
+    metrics = train(cfg)
+    model = load_model(tmp_path / "run" / metrics["tested_checkpoint"])
+    # The picture decodes the first 64 draws of a CPU generator seeded 0 (genlab.callbacks).
+    samples = generated_images(model, 64, torch.Generator().manual_seed(0), cfg.data)
+    with Image.open(tmp_path / "run" / "images" / "samples_fitted_gaussian_final.png") as png:
+        shown = torch.from_numpy(np.array(png.convert("RGB"))).permute(2, 0, 1)
+    assert torch.equal(visuals.grid(samples, 8), shown)

@@ -12,7 +12,7 @@ from torch.distributions import Bernoulli, Normal, kl_divergence
 
 from genlab.errors import GenlabError
 from genlab.models import AE, GAN, VAE
-from genlab.models.base import reconstruction_nll, softplus_sum
+from genlab.models.likelihood import reconstruction_nll, softplus_sum
 from genlab.models.nets import MLP, Conv, decode_cloud
 
 ADAM = partial(torch.optim.Adam, lr=1e-3)

@@ -18,7 +18,7 @@ from hydra import compose, initialize_config_dir
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.tensorboard import SummaryWriter
 
-from genlab import run
+from genlab import rundir
 from genlab.errors import GenlabError
 from genlab.models import VAE
 from genlab.train import train
@@ -47,14 +47,14 @@ def test_the_same_config_and_seed_give_identical_metrics(make_cfg, tmp_path, mod
 
 def test_a_run_directory_reproduces_its_run(make_cfg, tmp_path):
     original = train(make_cfg("model=ae", "model.latent_dim=3", run_dir=tmp_path / "original"))
-    saved = tmp_path / "original" / run.CONFIG_DIR
+    saved = tmp_path / "original" / rundir.CONFIG_DIR
     with initialize_config_dir(config_dir=str(saved), version_base="1.3"):
         cfg = compose("config", overrides=[f"paths.output_dir={tmp_path / 'again'}"])
     assert cfg.model.latent_dim == 3
     again = train(cfg)
     assert split_metrics(again) == split_metrics(original)
 
-    environment = json.loads((tmp_path / "original" / run.ENVIRONMENT_FILE).read_text())
+    environment = json.loads((tmp_path / "original" / rundir.ENVIRONMENT_FILE).read_text())
     assert environment["packages"]["torch"] == torch.__version__.split("+")[0]
     assert environment["packages"]["pytorch-lightning"]
     assert "git_commit" in environment and environment["python"]
@@ -189,7 +189,7 @@ def test_resume_names_a_checkpoint_it_cannot_read_or_that_belongs_to_another_mod
 
 _SAVE_FOREVER = """
 import sys, torch
-from genlab.safety import AtomicCheckpointIO
+from genlab.checkpoints import AtomicCheckpointIO
 io, n = AtomicCheckpointIO(), 0
 while True:
     n += 1
@@ -199,8 +199,8 @@ while True:
 
 def test_a_kill_during_a_checkpoint_save_leaves_the_previous_checkpoint_whole(tmp_path):
     path = tmp_path / "last.ckpt"
-    partial = tmp_path / ".last.ckpt.partial"
     saver = subprocess.Popen([sys.executable, "-c", _SAVE_FOREVER, str(path)])
+    partial = tmp_path / f".last.ckpt.{saver.pid}.partial"
     try:
         deadline = time.monotonic() + 60
         # Wait until a checkpoint exists and the next save is being written.

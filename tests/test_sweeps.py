@@ -12,9 +12,10 @@ import yaml
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
+from commands import genlab_train
 from genlab import report
+from genlab.cli import report_command
 from genlab.config import CONF_DIR
-from test_cli import genlab_train
 
 TINY = [
     "model=vae",
@@ -83,7 +84,7 @@ def test_the_report_of_a_partly_failed_and_still_running_sweep(tmp_path, capsys)
     )
     make_job(sweep, "10", [*common, "model.latent_dim=8", "model.beta=4"])  # no metrics yet
 
-    report.main([str(sweep)])
+    report_command([str(sweep)])
 
     rows = read_csv(sweep / "summary.csv")
     assert [r["job"] for r in rows] == ["0", "1", "2", "10"]  # by job number, not as text
@@ -107,11 +108,11 @@ def test_the_report_of_a_partly_failed_and_still_running_sweep(tmp_path, capsys)
 
 def test_the_report_of_a_folder_without_jobs_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        report.main([str(tmp_path)])
+        report_command([str(tmp_path)])
     assert exit_info.value.code == 1
     assert "holds no jobs" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        report.main([str(tmp_path / "missing")])
+        report_command([str(tmp_path / "missing")])
     assert "is not a folder" in capsys.readouterr().err
 
 

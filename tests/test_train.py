@@ -11,7 +11,7 @@ import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 
-from genlab import run
+from genlab.checkpoints import load_model
 from genlab.errors import GenlabError
 from genlab.train import train
 
@@ -95,7 +95,7 @@ def test_without_the_ranking_checkpoint_the_final_weights_are_tested(make_cfg, t
 def test_a_checkpoint_alone_rebuilds_the_model_and_its_test_metrics(make_cfg, tmp_path):
     cfg = make_cfg("model=vae", "model.latent_dim=3", "model/net=conv")
     metrics = train(cfg)
-    model = run.load_model(tmp_path / "run" / metrics["tested_checkpoint"])
+    model = load_model(tmp_path / "run" / metrics["tested_checkpoint"])
     assert model.latent_dim == 3 and not model.training
 
     trainer = pl.Trainer(
@@ -153,7 +153,7 @@ def test_the_default_gans_samples_stay_apart(make_cfg, tmp_path, data_dir):
     # Without batch norm in the generator, 50 steps already pull every sample
     # towards one image (mean distance 0.8 here, and falling); with it, 2.7.
     train(make_cfg("model=gan", "++trainer.limit_train_batches=50", "callbacks.images=null"))
-    gan = run.load_model(tmp_path / "run" / "checkpoints" / "last.ckpt").eval()
+    gan = load_model(tmp_path / "run" / "checkpoints" / "last.ckpt").eval()
     samples = gan.sample(64, torch.Generator().manual_seed(0)).flatten(1)
     digits = instantiate(make_cfg().data)
     digits.setup("test")

@@ -7,7 +7,7 @@ import contextlib
 import io
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import pytorch_lightning as pl
 import torch
@@ -17,9 +17,10 @@ from tensorboard.compat.proto.summary_pb2 import Summary
 from torch import Tensor
 from torch.utils.tensorboard.summary import hparams
 
-from genlab import visuals
+from genlab import private_api, visuals
 from genlab.errors import GenlabError
 from genlab.models.base import GenerativeModel
+from genlab.options import Range, checked
 
 # Every picture a family may declare in its ``visuals``. manifold needs a 2-D latent
 # space and traversals more than two dims; the others apply to any family declaring them.
@@ -29,8 +30,9 @@ _NOISE_SEED = 0
 _SAMPLES_PER_ROW = 8
 # Held-out images over which a VAE ranks its latent dims by KL for the traversals.
 _RANKING_POINTS = 1000
-# Encoding in chunks bounds the memory a conv encoder needs for a whole split.
-_EMBED_CHUNK = 1000
+# Training images whose codes an AE's Gaussian is fitted to, unless callbacks.images.fit_points says.
+FIT_POINTS = 10000
+Count = Annotated[int, Range(1)]
 
 
 def _tensorboard_writers(trainer: pl.Trainer) -> list[Any]:
@@ -50,47 +52,23 @@ class ImageLogger(pl.Callback):
     and its samples are tagged ``samples_fitted_gaussian``.
     """
 
+    @checked("callbacks.images")
     def __init__(
         self,
         dirpath: str | Path,
-        every_n_epochs: int = 1,
-        num_recon: int = 16,
-        num_samples: int = 64,
-        latent_points: int | None = None,
-        manifold_size: int = 15,
-        latent_range: float = 3.0,
-        traversal_steps: int = 11,
-        max_traversal_dims: int = 10,
-        interpolation_pairs: int = 8,
-        interpolation_steps: int = 10,
-        fit_points: int = 10000,
-        projector_points: int = 2000,
+        every_n_epochs: Annotated[int, Range(0, note="0: only at the end of fit")] = 1,
+        num_recon: Count = 16,
+        num_samples: Count = 64,
+        latent_points: Count | None = None,
+        manifold_size: Count = 15,
+        latent_range: Annotated[float, Range(0, exclusive=True)] = 3.0,
+        traversal_steps: Count = 11,
+        max_traversal_dims: Count = 10,
+        interpolation_pairs: Count = 8,
+        interpolation_steps: Count = 10,
+        fit_points: Count = FIT_POINTS,
+        projector_points: Annotated[int, Range(0, note="0: no Projector data")] = 2000,
     ):
-        counts = {
-            "num_recon": num_recon,
-            "num_samples": num_samples,
-            "manifold_size": manifold_size,
-            "traversal_steps": traversal_steps,
-            "max_traversal_dims": max_traversal_dims,
-            "interpolation_pairs": interpolation_pairs,
-            "interpolation_steps": interpolation_steps,
-            "fit_points": fit_points,
-        }
-        for name, value in counts.items():
-            if value < 1:
-                raise GenlabError(f"callbacks.images.{name}={value} must be at least 1.")
-        if every_n_epochs < 0:
-            raise GenlabError(
-                f"callbacks.images.every_n_epochs={every_n_epochs} must be 0 "
-                "(pictures at the end of fit only) or a positive number of epochs."
-            )
-        if projector_points < 0:
-            raise GenlabError(
-                f"callbacks.images.projector_points={projector_points} must be 0 (no Projector "
-                "data) or a positive number of test images."
-            )
-        if latent_range <= 0:
-            raise GenlabError(f"callbacks.images.latent_range={latent_range} must be positive.")
         self.dirpath = Path(dirpath)
         self.every_n_epochs = every_n_epochs
         self.num_recon = num_recon
@@ -154,34 +132,31 @@ class ImageLogger(pl.Callback):
 
     def _draw(self, datamodule: Any, model: GenerativeModel) -> dict[str, Tensor]:
         splits = datamodule.splits
-        latent_dim, device = model.hparams.latent_dim, model.device
+        latent_dim = model.hparams.latent_dim
         declared = set(model.visuals)
         held_out = _held_out_images(splits)
-        noise = torch.randn(
-            self.num_samples + 2 * self.interpolation_pairs,
-            latent_dim,
-            generator=torch.Generator().manual_seed(_NOISE_SEED),
-        ).to(device)
-        mean, std = torch.zeros(latent_dim, device=device), torch.ones(latent_dim, device=device)
-        if model.fitted_prior:
-            codes = _embed(model, splits["train"][0][: self.fit_points])
-            mean, std = codes.mean(0), codes.std(0)
+        fit_images = splits["train"][0][: self.fit_points] if model.fitted_prior else None
+        gaussian = model.code_gaussian(fit_images)
+        noise = torch.Generator().manual_seed(_NOISE_SEED)  # the same codes at every epoch
 
-        def decode(units: Tensor) -> Tensor:
-            return model.decode(mean + std * units.to(device))
+        def decode(units: Tensor) -> Tensor:  # codes given in standard units of the Gaussian
+            mean, std = gaussian
+            return model.decode(mean + std * units.to(model.device))
 
         images: dict[str, Tensor] = {}
         if "recon" in declared:
             originals = held_out[: self.num_recon]
             images["recon"] = visuals.recon_grid(originals, model.decode(model.embed(originals)))
+        # Drawn whether or not it is shown, so that the interpolations' codes stay the same.
+        samples = model.sample(self.num_samples, noise, gaussian)
         if "samples" in declared:
             tag = "samples_fitted_gaussian" if model.fitted_prior else "samples"
-            images[tag] = visuals.grid(decode(noise[: self.num_samples]), _SAMPLES_PER_ROW)
+            images[tag] = visuals.grid(samples, _SAMPLES_PER_ROW)
         if "latent" in declared:
             test_images, labels = splits["test"]
             end = self.latent_points
             images["latent"] = visuals.latent_scatter(
-                _embed(model, test_images[:end]),
+                model.embed_all(test_images[:end]),
                 labels[:end],
                 datamodule.class_names,
                 f"{type(model).__name__} codes of {len(labels[:end])} test images",
@@ -197,7 +172,8 @@ class ImageLogger(pl.Callback):
             )
             images["traversals"] = visuals.grid(decode(codes), self.traversal_steps)
         if "interpolation" in declared:
-            starts, ends = noise[self.num_samples :].chunk(2)
+            ends = torch.randn(2 * self.interpolation_pairs, latent_dim, generator=noise)
+            starts, ends = ends.chunk(2)
             codes = visuals.interpolation_codes(starts, ends, self.interpolation_steps)
             images["interpolation"] = visuals.grid(decode(codes), self.interpolation_steps)
         return images
@@ -214,7 +190,7 @@ class ImageLogger(pl.Callback):
             )
             summary = Summary(value=[Summary.Value(tag=tag, image=encoded)])
             for writer in writers:
-                writer._get_file_writer().add_summary(summary, trainer.global_step)
+                private_api.event_file_writer(writer).add_summary(summary, trainer.global_step)
 
     def _write_pngs(self, images: dict[str, Tensor], suffix: str) -> dict[str, bytes]:
         """Write ``<tag>_<suffix>.png`` for every image; returns the encoded files by tag."""
@@ -234,7 +210,7 @@ class ImageLogger(pl.Callback):
         # Its image sprite takes seconds to write for the whole test set, hence a subset.
         images, labels = images[: self.projector_points], labels[: self.projector_points]
         with _evaluating(model):
-            codes = _embed(model, images).cpu()
+            codes = model.embed_all(images).cpu()
         names = trainer.datamodule.class_names
         for writer in writers:
             writer.add_embedding(
@@ -272,10 +248,6 @@ def _png(image: Tensor) -> bytes:
     return buffer.getvalue()
 
 
-def _embed(model: GenerativeModel, images: Tensor) -> Tensor:
-    return torch.cat([model.embed(chunk) for chunk in images.split(_EMBED_CHUNK)])
-
-
 class HParamsLogger(pl.Callback):
     """Puts a run in TensorBoard's HParams table: its main hyperparameters beside
     the test metrics it ends with, so the runs of a sweep compare in one view."""
@@ -294,7 +266,7 @@ class HParamsLogger(pl.Callback):
         # table refers to them by tag, so nothing is written twice.
         summaries = hparams(table_hparams(run_config), metrics)
         for writer in writers:
-            file_writer = writer._get_file_writer()
+            file_writer = private_api.event_file_writer(writer)
             for summary in summaries:
                 file_writer.add_summary(summary, trainer.global_step)
             writer.flush()

@@ -5,8 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from collections.abc import Iterable, Iterator
-from typing import Any
+from collections.abc import Iterator
 
 
 class GenlabError(Exception):
@@ -15,15 +14,6 @@ class GenlabError(Exception):
 
 class TrainingDiverged(GenlabError):
     """A training loss became NaN or infinite; the run stops without saving the broken weights."""
-
-
-def check_choice(option: str, value: Any, choices: Iterable[Any]) -> None:
-    """Raise a `GenlabError` naming ``option`` when ``value`` is not one of ``choices``."""
-    choices = tuple(choices)
-    if value not in choices:
-        raise GenlabError(
-            f"{option}={value!r} is not a valid choice; choose one of {', '.join(map(str, choices))}."
-        )
 
 
 def find_user_error(err: BaseException) -> GenlabError | None:

@@ -1,41 +1,41 @@
-"""genlab-eval: evaluate a checkpoint on the official test set of the data set it was trained on.
+"""genlab-eval: a checkpoint's metrics on the official test set of the data set it was trained on.
 
 checkpoint -> model + the run's data config -> the family's metrics -> table + metrics.json
 
 Which metrics a family gets:
     VAE  -ELBO, recon, KL (per latent dim too), active units, importance-sampled NLL and
          bits/dim; linear-probe and k-NN accuracy of its latent means; FID and IS of prior samples
-    AE   reconstruction -log p(x|z) and per-pixel MSE; probe and k-NN; FID and IS of decoded
-         samples of a Gaussian fitted to its training codes
+    AE   reconstruction -log p(x|z) and per-pixel MSE; probe and k-NN; FID and IS of the
+         samples its pictures show (decoded codes of a Gaussian fitted to its training codes)
     GAN  FID and IS (no encoder, no density: likelihood metrics do not apply)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
-import hydra
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from genlab import metrics, run, runtime
-from genlab.config import CONF_DIR
-from genlab.data import _BINARIZE_SEED, binarize_sample
-from genlab.errors import GenlabError, check_choice, user_errors
+from genlab import fid, metrics, runtime
+from genlab.callbacks import FIT_POINTS
+from genlab.checkpoints import load_model
+from genlab.config.validate import validate
+from genlab.data import BINARIZE_SEED_EVAL, BINARIZE_SEED_TRAIN, binarize_sample
+from genlab.errors import GenlabError
 from genlab.models import AE, VAE, GenerativeModel
-from genlab.models.base import reconstruction_nll
+from genlab.models.likelihood import reconstruction_nll
+from genlab.options import Range, check_values, type_hints
+from genlab.rundir import METRICS_FILE, write_metrics
 
 log = logging.getLogger(__name__)
-
-DEVICES = ("auto", "cpu", "cuda")
-# The data module's fixed Bernoulli sample of its evaluation splits (see genlab.data).
-_EVAL_BINARIZE_SEED = _BINARIZE_SEED + 1
 
 # One line per metric for the printed table (and the README).
 DESCRIPTIONS = {
@@ -59,6 +59,26 @@ _CLASSIFIER_CAVEAT = (
 )
 
 
+@dataclass(frozen=True)
+class EvalOptions:
+    """How to evaluate: the ``eval`` options of conf/eval/default.yaml (genlab-eval), which
+    genlab-train uses with ``eval.after_fit=true``; each is described there."""
+
+    nll_samples: Annotated[int, Range(1)] = 1000
+    num_samples: Annotated[int, Range(2)] = 10000
+    test_examples: Annotated[int, Range(2, note="null: the whole test set")] | None = None
+    batch_size: Annotated[int, Range(1)] = 8192
+    knn_k: Annotated[int, Range(1)] = 10
+    fid: bool = True
+    classifier_epochs: Annotated[float, Range(0, exclusive=True)] = 3.0
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    after_fit: bool = False  # genlab-train: evaluate the tested weights after training
+
+    def __post_init__(self) -> None:
+        check_values(dataclasses.asdict(self), type_hints(type(self)), "eval")
+
+
 @dataclass
 class EvalData:
     """The official training and test sets in grey levels, and how the run binarised them."""
@@ -73,7 +93,7 @@ class EvalData:
         """Images of ``split`` as a model sees them: grey levels, or the data module's fixed binary sample."""
         images = self.train[0] if split == "train" else self.test[0]
         if binary:
-            seed = _BINARIZE_SEED if split == "train" else _EVAL_BINARIZE_SEED
+            seed = BINARIZE_SEED_TRAIN if split == "train" else BINARIZE_SEED_EVAL
             images = binarize_sample(images, seed)
         return images if split == "train" else images[: self.test_examples]
 
@@ -93,29 +113,6 @@ def load_data(data_cfg: DictConfig, test_examples: int | None, device: torch.dev
     return EvalData(data_cfg.dataset, data_cfg.binarize, train, test, n_test)
 
 
-def check_options(options: DictConfig) -> None:
-    """Refuse settings that cannot work, naming the option."""
-    check_choice("eval.device", options.device, DEVICES)
-    minimum = {
-        "nll_samples": 1,
-        "num_samples": 2,
-        "batch_size": 1,
-        "knn_k": 1,
-    }
-    for name, least in minimum.items():
-        if int(options[name]) < least:
-            raise GenlabError(f"eval.{name}={options[name]} must be at least {least}.")
-    if options.test_examples is not None and int(options.test_examples) < 2:
-        raise GenlabError(
-            f"eval.test_examples={options.test_examples} must be null (the whole test set) or at least 2."
-        )
-    if float(options.classifier_epochs) <= 0:
-        raise GenlabError(
-            f"eval.classifier_epochs={options.classifier_epochs} must be positive "
-            f"(fractions train on part of one epoch)."
-        )
-
-
 def _device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -130,15 +127,8 @@ def _likelihood_binary(model: VAE, data: EvalData) -> bool:
     return model.recon_loss == "bce" or data.binarize != "none"
 
 
-@torch.no_grad()
-def _codes(model: VAE | AE, images: Tensor, batch_size: int) -> Tensor:
-    """Latent means (VAE) or codes (AE) of ``images``."""
-    encode = (lambda x: model.encode(x)[0]) if isinstance(model, VAE) else model.encoder
-    return torch.cat([encode(x) for x in images.split(batch_size)])
-
-
 def _vae_metrics(
-    vae: VAE, data: EvalData, options: DictConfig, generator: torch.Generator
+    vae: VAE, data: EvalData, options: EvalOptions, generator: torch.Generator
 ) -> dict[str, Any]:
     images = data.inputs("test", binary=_likelihood_binary(vae, data))
     recon, kl = metrics.elbo_terms(vae, images, options.batch_size, generator)
@@ -152,7 +142,7 @@ def _vae_metrics(
         "test/kl": kl_per_dim.sum().item(),
         "test/nll": nll.mean().item(),
         "test/bpd": metrics.bits_per_dim(nll.mean().item()),
-        "test/active_units": metrics.active_units(_codes(vae, images, options.batch_size)),
+        "test/active_units": metrics.active_units(vae.embed_all(images)),
         "test/kl_per_dim": [round(v, 4) for v in kl_per_dim.tolist()],
         "binarize": "static" if _likelihood_binary(vae, data) else "none",
         "nll_samples": options.nll_samples,
@@ -160,7 +150,7 @@ def _vae_metrics(
 
 
 @torch.no_grad()
-def _ae_metrics(ae: AE, data: EvalData, options: DictConfig) -> dict[str, Any]:
+def _ae_metrics(ae: AE, data: EvalData, options: EvalOptions) -> dict[str, Any]:
     binary = data.binarize != "none"
     images = data.inputs("test", binary=binary)
     recon, mse = [], []
@@ -175,49 +165,52 @@ def _ae_metrics(ae: AE, data: EvalData, options: DictConfig) -> dict[str, Any]:
     }
 
 
-def _code_metrics(
-    model: VAE | AE, data: EvalData, options: DictConfig
-) -> tuple[dict[str, float], Tensor]:
-    """Probe and k-NN accuracy of the codes; also returns the training codes."""
+def _code_metrics(model: VAE | AE, data: EvalData, options: EvalOptions) -> dict[str, float]:
+    """Probe and k-NN accuracy of the codes (a VAE's: its posterior means)."""
     binary = data.binarize != "none"  # the images as the model was trained on them
-    train_codes = _codes(model, data.inputs("train", binary), options.batch_size)
-    test_codes = _codes(model, data.inputs("test", binary), options.batch_size)
+    train_codes = model.embed_all(data.inputs("train", binary))
+    test_codes = model.embed_all(data.inputs("test", binary))
     args = (train_codes, data.labels("train"), test_codes, data.labels("test"))
     return {
         "test/probe_acc": metrics.linear_probe_accuracy(*args),
         "test/knn_acc": metrics.knn_accuracy(*args, k=options.knn_k),
-    }, train_codes
+    }
 
 
-@torch.no_grad()
-def _samples(
-    model: GenerativeModel, n: int, generator: torch.Generator, train_codes: Tensor | None
+def fit_images(model: GenerativeModel, data_cfg: DictConfig) -> Tensor | None:
+    """For a family without a prior, the training images its Gaussian of codes is fitted
+    to: those its pictures use (the first ``callbacks.images.fit_points`` of the run's
+    training split), so that the samples scored are the samples shown."""
+    if not model.fitted_prior:
+        return None
+    run_config = OmegaConf.create(model.run_config or {})
+    count = OmegaConf.select(run_config, "callbacks.images.fit_points", default=None)
+    datamodule = instantiate(data_cfg)
+    datamodule.setup("fit")
+    return datamodule.splits["train"][0][: count or FIT_POINTS].to(model.device)
+
+
+def generated_images(
+    model: GenerativeModel, n: int, generator: torch.Generator, data_cfg: DictConfig
 ) -> Tensor:
-    """``n`` generated images: prior samples (VAE, GAN), or for an AE decoded
-    samples of a Gaussian fitted to its training codes."""
-    if not isinstance(model, AE):
-        return model.sample(n, generator=generator)
-    mean, cov = train_codes.mean(0), train_codes.T.cov()
-    jitter = 1e-6 * torch.eye(len(mean), device=mean.device)
-    chol = torch.linalg.cholesky(cov + jitter)
-    eps = torch.randn(n, len(mean), generator=generator, device=mean.device)
-    return model.decode(mean + eps @ chol.T)
+    """The ``n`` images FID and IS score: the model's samples, as its pictures draw them."""
+    return model.sample(n, generator, model.code_gaussian(fit_images(model, data_cfg)))
 
 
 def _generation_metrics(
-    samples: Tensor, data: EvalData, options: DictConfig, cache_dir: Path
+    samples: Tensor, data: EvalData, options: EvalOptions, cache_dir: Path
 ) -> dict[str, Any]:
     batch_size = options.batch_size
-    classifier, accuracy, path = metrics.cached_classifier(
+    classifier, accuracy, path = fid.cached_classifier(
         cache_dir, data.dataset, options.classifier_epochs, data.train, data.test, batch_size
     )
     test_images = data.inputs("test", binary=False)
-    fid = metrics.ClassifierFID(classifier, test_images, batch_size)
+    distance = fid.ClassifierFID(classifier, test_images, batch_size)
     return {
-        "test/fid": fid(samples),
-        "test/fid_train_vs_test": fid(data.train[0][: len(samples)]),
-        "test/is": metrics.inception_score(classifier.logits(samples, batch_size)),
-        "test/is_test_set": metrics.inception_score(classifier.logits(test_images, batch_size)),
+        "test/fid": distance(samples),
+        "test/fid_train_vs_test": distance(data.train[0][: len(samples)]),
+        "test/is": fid.inception_score(classifier.logits(samples, batch_size)),
+        "test/is_test_set": fid.inception_score(classifier.logits(test_images, batch_size)),
         "num_samples": len(samples),
         "classifier_accuracy": accuracy,
         "classifier_file": str(path),
@@ -225,29 +218,26 @@ def _generation_metrics(
 
 
 def evaluate_model(
-    model: GenerativeModel, data_cfg: DictConfig, options: DictConfig, cache_dir: str
+    model: GenerativeModel, data_cfg: DictConfig, options: EvalOptions, cache_dir: str
 ) -> dict[str, Any]:
-    """Evaluate ``model`` on the test set of the data ``data_cfg`` describes, as
-    ``options`` (an ``eval:`` config mapping) says; returns the metrics."""
+    """Evaluate ``model`` on the test set of the data ``data_cfg`` describes (the run's
+    data config) as ``options`` say; returns the metrics."""
     start = time.perf_counter()
     runtime.keep_freed_memory()
-    check_options(options)
     device = _device(options.device)
     model = model.to(device).eval()
     data = load_data(data_cfg, options.test_examples, device)
     generator = torch.Generator(device=device).manual_seed(options.seed)
 
     results: dict[str, Any] = {"model": type(model).__name__, "dataset": data.dataset}
-    train_codes = None
     if isinstance(model, VAE):
         results.update(_vae_metrics(model, data, options, generator))
     if isinstance(model, AE):
         results.update(_ae_metrics(model, data, options))
     if isinstance(model, (VAE, AE)):
-        code_metrics, train_codes = _code_metrics(model, data, options)
-        results.update(code_metrics)
+        results.update(_code_metrics(model, data, options))
     if options.fid:
-        samples = _samples(model, options.num_samples, generator, train_codes)
+        samples = generated_images(model, options.num_samples, generator, data_cfg)
         results.update(_generation_metrics(samples, data, options, Path(cache_dir).expanduser()))
     results.update(
         {
@@ -299,27 +289,17 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             f"ckpt_path={cfg.ckpt_path!r} is not a file. Pass a checkpoint written by "
             f"genlab-train, e.g. ckpt_path=<run dir>/checkpoints/last.ckpt."
         )
-    model = run.load_model(cfg.ckpt_path)
+    validate(OmegaConf.to_container(cfg, resolve=True))  # the evaluation options
+    options = instantiate(cfg.eval)
+    model = load_model(cfg.ckpt_path)
     run_cfg = OmegaConf.create(model.run_config)
     if cfg.data.data_dir is not None:
         run_cfg.data.data_dir = cfg.data.data_dir
     results = {
         "checkpoint": str(Path(cfg.ckpt_path).resolve()),
-        **evaluate_model(model, run_cfg.data, cfg.eval, cfg.paths.cache_dir),
+        **evaluate_model(model, run_cfg.data, options, cfg.paths.cache_dir),
     }
     output_dir = Path(cfg.paths.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)  # Hydra makes it, a caller of evaluate() may not
-    run.write_metrics(output_dir / run.METRICS_FILE, results)
-    log.info("%s\nWritten to %s", format_table(results), output_dir / run.METRICS_FILE)
+    write_metrics(output_dir / METRICS_FILE, results)
+    log.info("%s\nWritten to %s", format_table(results), output_dir / METRICS_FILE)
     return results
-
-
-@hydra.main(config_path=str(CONF_DIR), config_name="eval", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    """Console entry point ``genlab-eval``."""
-    with user_errors():
-        evaluate(cfg)
-
-
-if __name__ == "__main__":
-    main()

@@ -17,7 +17,6 @@ multirun writes its report by itself when its last job ends (`SweepReport`).
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import logging
@@ -31,8 +30,8 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from genlab.errors import GenlabError, user_errors
-from genlab.run import METRICS_FILE
+from genlab.errors import GenlabError
+from genlab.rundir import METRICS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -357,19 +356,3 @@ class SweepReport(Callback):
                 len(jobs),
                 ", ".join(f"{job.folder.name} ({job.status})" for job in unfinished),
             )
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Console entry point ``genlab-report``."""
-    parser = argparse.ArgumentParser(
-        prog="genlab-report", description="Summarise a sweep: tables and figures in its folder."
-    )
-    parser.add_argument("sweep_dir", type=Path, help="the folder a multirun wrote")
-    args = parser.parse_args(argv)
-    with user_errors():
-        for path in write_report(args.sweep_dir):
-            print(path)
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 from torch import Tensor
 
-from genlab.errors import check_choice
-from genlab.models.base import (
-    RECON_LOSSES,
-    GenerativeModel,
-    OptimizerFactory,
-    SchedulerFactory,
-    reconstruction_nll,
-)
+from genlab.errors import GenlabError
+from genlab.models.base import GenerativeModel, OptimizerFactory, SchedulerFactory
+from genlab.models.likelihood import ReconLoss, reconstruction_nll
 from genlab.models.nets import MLP, Conv
+from genlab.options import Range, checked
 
 
 class AE(GenerativeModel):
@@ -23,17 +21,17 @@ class AE(GenerativeModel):
     visuals = ("recon", "samples", "latent", "manifold", "traversals")
     fitted_prior = True  # an AE has no prior: codes to decode come from its training codes
 
+    @checked("model")
     def __init__(
         self,
         net: MLP | Conv,
         optimizer: OptimizerFactory,
-        latent_dim: int = 16,
-        recon_loss: str = "bce",
+        latent_dim: Annotated[int, Range(1)] = 16,
+        recon_loss: ReconLoss = "bce",
         compile: bool = False,
         scheduler: SchedulerFactory | None = None,
     ):
         super().__init__(optimizer, compile, scheduler)
-        check_choice("model.recon_loss", recon_loss, RECON_LOSSES)
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"], logger=False)
         self.latent_dim = latent_dim
         self.recon_loss = recon_loss
@@ -50,6 +48,17 @@ class AE(GenerativeModel):
     def decode(self, z: Tensor) -> Tensor:
         """Images (pixel means in [0, 1]) decoded from codes ``z``."""
         return torch.sigmoid(self.decoder(z))
+
+    def code_gaussian(self, fit_images: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The diagonal Gaussian of the codes of ``fit_images`` (training images): mean and
+        standard deviation per latent dim."""
+        if fit_images is None:
+            raise GenlabError(
+                "An AE has no prior: its samples decode codes of a Gaussian fitted to the codes "
+                "of training images, so code_gaussian (and sample) need fit_images."
+            )
+        codes = self.embed_all(fit_images)
+        return codes.mean(0), codes.std(0)
 
     def step(self, batch: tuple[Tensor, Tensor], batch_idx: int, split: str) -> dict[str, Tensor]:
         x, _ = batch

@@ -7,7 +7,7 @@ logit. Both are trained with their own Adam optimiser, one step each per batch.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +15,7 @@ from torch import Tensor
 
 from genlab.models.base import GenerativeModel, OptimizerFactory, SchedulerFactory
 from genlab.models.nets import MLP, Conv
+from genlab.options import Range, checked
 
 
 def _bce(logits: Tensor, target: float) -> Tensor:
@@ -33,11 +34,12 @@ class GAN(GenerativeModel):
     prog_bar_metrics = ("d_loss", "g_loss")
     visuals = ("samples", "interpolation")
 
+    @checked("model")
     def __init__(
         self,
         net: MLP | Conv,
         optimizer: OptimizerFactory,
-        latent_dim: int = 64,
+        latent_dim: Annotated[int, Range(1)] = 64,
         compile: bool = False,
         scheduler: SchedulerFactory | None = None,
     ):
@@ -54,11 +56,6 @@ class GAN(GenerativeModel):
 
     def decode(self, z: Tensor) -> Tensor:
         return torch.sigmoid(self.generator(z))
-
-    @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        """``n`` generated images from fresh noise."""
-        return self(torch.randn(n, self.latent_dim, generator=generator, device=self.device))
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x, _ = batch

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from typing import Annotated, Literal
 
 import torch
 from torch import Tensor, nn
 
-from genlab.errors import GenlabError, check_choice
+from genlab.options import NonEmpty, Range, checked
 
 IMAGE_SHAPE = (1, 28, 28)
 IMAGE_PIXELS = 28 * 28
@@ -27,29 +28,17 @@ ACTIVATIONS = {
     "gelu": nn.GELU,
     "silu": nn.SiLU,
 }
-
-
+Activation = Literal[tuple(ACTIVATIONS)]
 # Normalisation of the decoder's hidden layers (before their activation).
-NORMS = ("none", "batch")
-
-
-def _activation(name: str) -> nn.Module:
-    check_choice("model.net.activation", name, ACTIVATIONS)
-    return ACTIVATIONS[name]()
+Norm = Literal["none", "batch"]
+HiddenDims = Annotated[Sequence[Annotated[int, Range(1)]], NonEmpty()]
 
 
 class _Net:
     """Holds what both kinds of net are configured by."""
 
     def __init__(self, hidden_dims: Sequence[int], activation: str, norm: str):
-        check_choice("model.net.norm", norm, NORMS)
-        dims = [int(d) for d in hidden_dims]
-        if not dims or any(d < 1 for d in dims):
-            raise GenlabError(
-                f"model.net.hidden_dims={list(hidden_dims)} must list at least one positive width."
-            )
-        _activation(activation)
-        self.hidden_dims = dims
+        self.hidden_dims = [int(d) for d in hidden_dims]
         self.activation = activation
         self.norm = norm
 
@@ -60,14 +49,18 @@ class _Net:
     def _hidden(self, features: int, decoder: bool, batch_norm: type[nn.Module]) -> list[nn.Module]:
         """Normalisation (decoders, where configured) and activation of a hidden layer."""
         layers = [batch_norm(features)] if decoder and self.norm == "batch" else []
-        return [*layers, _activation(self.activation)]
+        return [*layers, ACTIVATIONS[self.activation]()]
 
 
 class MLP(_Net):
     """Fully connected nets: 784 -> hidden_dims -> out, and in -> reversed(hidden_dims) -> 784."""
 
+    @checked("model.net")
     def __init__(
-        self, hidden_dims: Sequence[int] = (512, 256), activation: str = "relu", norm: str = "none"
+        self,
+        hidden_dims: HiddenDims = (512, 256),
+        activation: Activation = "relu",
+        norm: Norm = "none",
     ):
         super().__init__(hidden_dims, activation, norm)
 
@@ -96,8 +89,12 @@ class Conv(_Net):
     decoder mirrors this with transposed convolutions.
     """
 
+    @checked("model.net")
     def __init__(
-        self, hidden_dims: Sequence[int] = (32, 64), activation: str = "relu", norm: str = "none"
+        self,
+        hidden_dims: HiddenDims = (32, 64),
+        activation: Activation = "relu",
+        norm: Norm = "none",
     ):
         super().__init__(hidden_dims, activation, norm)
 

@@ -9,18 +9,15 @@ bound (Burda et al., 2016) that evaluation uses to estimate log p(x).
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 from torch import Tensor
 
-from genlab.errors import check_choice
-from genlab.models.base import (
-    RECON_LOSSES,
-    GenerativeModel,
-    OptimizerFactory,
-    SchedulerFactory,
-    reconstruction_nll,
-)
+from genlab.models.base import GenerativeModel, OptimizerFactory, SchedulerFactory
+from genlab.models.likelihood import ReconLoss, reconstruction_nll
 from genlab.models.nets import MLP, Conv, decode_cloud
+from genlab.options import Range, checked
 
 
 class VAE(GenerativeModel):
@@ -30,19 +27,19 @@ class VAE(GenerativeModel):
     metric_names = ("loss", "neg_elbo", "recon", "kl")
     visuals = ("recon", "samples", "latent", "manifold", "traversals", "interpolation")
 
+    @checked("model")
     def __init__(
         self,
         net: MLP | Conv,
         optimizer: OptimizerFactory,
-        latent_dim: int = 16,
-        beta: float = 1.0,
-        recon_loss: str = "bce",
-        kl_warmup_epochs: int = 0,
+        latent_dim: Annotated[int, Range(1)] = 16,
+        beta: Annotated[float, Range(0)] = 1.0,
+        recon_loss: ReconLoss = "bce",
+        kl_warmup_epochs: Annotated[int, Range(0)] = 0,
         compile: bool = False,
         scheduler: SchedulerFactory | None = None,
     ):
         super().__init__(optimizer, compile, scheduler)
-        check_choice("model.recon_loss", recon_loss, RECON_LOSSES)
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"], logger=False)
         self.latent_dim = latent_dim
         self.beta = beta
@@ -66,11 +63,6 @@ class VAE(GenerativeModel):
 
     def decode(self, z: Tensor) -> Tensor:
         return torch.sigmoid(self.decoder(z))
-
-    @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        """``n`` images (pixel means in [0, 1]) decoded from prior samples."""
-        return self.decode(torch.randn(n, self.latent_dim, generator=generator, device=self.device))
 
     def rank_latent_dims(self, x: Tensor) -> Tensor:
         """Latent dims by their mean KL on ``x``, largest first: the dims the model uses."""

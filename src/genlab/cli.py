@@ -1,0 +1,131 @@
+"""genlab's commands: genlab-train, genlab-eval and genlab-report.
+
+Each reads its command line (Hydra composes the config), hands the work to
+`genlab.train`, `genlab.evaluate` or `genlab.report`, and turns the outcome into an exit
+code. Nothing here imports torch: ``--help`` and ``--cfg job`` answer at once, and the
+work imports what it needs when it starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from genlab.config import CONF_DIR, hydra_errors
+from genlab.errors import GenlabError, find_user_error, user_errors
+from genlab.rundir import record_failure
+
+log = logging.getLogger(__name__)
+
+# Exit codes of runs that stopped early (metrics.json says which): 130 is the shell's code for Ctrl-C.
+_EXIT_CODES = {"interrupted": 130, "diverged": 1}
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
+def _train(cfg: DictConfig) -> float | None:
+    """One run, or one job of a sweep.
+
+    Returns the metrics.json entry named by ``objective`` (for sweepers that
+    optimise it, e.g. Optuna), NaN for a job that failed or does not report it.
+    """
+    from genlab.train import train
+
+    if not _in_sweep():
+        with user_errors():
+            metrics = train(cfg)
+        if metrics["status"] in _EXIT_CODES:
+            raise SystemExit(_EXIT_CODES[metrics["status"]])
+        return _objective(cfg, metrics)
+    with user_errors():
+        _refuse_local_ddp_sweep(cfg)
+    # One failing job must not end a sweep (Hydra stops at the first job that
+    # raises): record the failure in the job's metrics.json and move on. A
+    # diverged job has said so in its metrics.json; the others go on too.
+    try:
+        metrics = train(cfg)
+    except Exception as err:
+        user_error = find_user_error(err)
+        if user_error is not None:
+            log.error("Job failed: %s", user_error)
+        else:
+            log.exception("Job failed")
+        record_failure(Path(cfg.paths.output_dir), cfg, user_error or err)
+        return _objective(cfg, {})
+    if metrics["status"] == "interrupted":  # Ctrl-C stops the whole sweep
+        raise SystemExit(_EXIT_CODES["interrupted"])
+    return _objective(cfg, metrics)
+
+
+def _in_sweep() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _refuse_local_ddp_sweep(cfg: DictConfig) -> None:
+    """Lightning's DDP starts its other processes by re-running the command line,
+    which inside a local multirun would re-run the whole sweep."""
+    from pytorch_lightning.plugins.environments import SLURMEnvironment
+
+    trainer = cfg.trainer
+    processes = (trainer.get("devices") or 1) * (trainer.get("num_nodes") or 1)
+    strategy = str(trainer.get("strategy") or "")
+    if strategy.startswith("ddp") and processes != 1 and not SLURMEnvironment.detect():
+        raise GenlabError(
+            f"trainer.strategy={strategy} with {processes} processes cannot run inside a "
+            "local sweep (-m): Lightning starts DDP's other processes by re-running the "
+            "command, which would re-run the sweep. Sweep DDP runs on a cluster with "
+            "hydra/launcher=slurm (SLURM starts the processes), run each DDP job on its own "
+            "without -m, or sweep with trainer.devices=1."
+        )
+
+
+def _objective(cfg: DictConfig, metrics: dict[str, Any]) -> float | None:
+    if cfg.get("objective") is None:
+        return None
+    return float(metrics.get(cfg.objective, math.nan))
+
+
+def train_command() -> None:
+    """``genlab-train``: one training run, or a sweep with ``-m``."""
+    try:
+        with hydra_errors.reworded(CONF_DIR):
+            _train()
+    except KeyboardInterrupt:  # Ctrl-C outside training: nothing to save
+        print("Interrupted.", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="eval", version_base="1.3")
+def _evaluate(cfg: DictConfig) -> None:
+    from genlab.evaluate import evaluate
+
+    with user_errors():
+        evaluate(cfg)
+
+
+def eval_command() -> None:
+    """``genlab-eval``: a checkpoint's metrics on the test set."""
+    with hydra_errors.reworded(CONF_DIR):
+        _evaluate()
+
+
+def report_command(argv: list[str] | None = None) -> None:
+    """``genlab-report SWEEP_DIR``: (re)write a sweep's tables and figures."""
+    parser = argparse.ArgumentParser(
+        prog="genlab-report", description="Summarise a sweep: tables and figures in its folder."
+    )
+    parser.add_argument("sweep_dir", type=Path, help="the folder a multirun wrote")
+    args = parser.parse_args(argv)
+    from genlab.report import write_report
+
+    with user_errors():
+        for path in write_report(args.sweep_dir):
+            print(path)
