@@ -234,17 +234,17 @@ def _genlab_command(args, run_dir: Path, epochs: int, *overrides: str) -> list[s
     ]
 
 
+def _scripts_env() -> dict[str, str]:
+    """The environment with scripts/ on PYTHONPATH, for callbacks genlab-train loads from there."""
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(SCRIPTS), os.environ.get("PYTHONPATH", "")]),
+    }
+
+
 def _genlab(
-    args,
-    workdir: Path,
-    batch_size: int,
-    width: int,
-    tag: str,
-    extra: tuple[str, ...] = (),
-    without: str | None = None,
+    args, workdir: Path, batch_size: int, width: int, tag: str, extra: tuple[str, ...] = ()
 ) -> dict:
-    """One genlab-train run, timed per epoch; ``without`` names a speed-up to switch off
-    (scripts/without_speedup.py)."""
     clock = workdir / f"{tag}.json"
     command = _genlab_command(
         args,
@@ -256,13 +256,7 @@ def _genlab(
         f"+callbacks.clock.path={clock}",
         *extra,
     )
-    if without is not None:
-        command = [sys.executable, str(SCRIPTS / "without_speedup.py"), without, *command[1:]]
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(SCRIPTS), os.environ.get("PYTHONPATH", "")]),
-    }
-    launched, _, rss = _run(command, env)
+    launched, _, rss = _run(command, _scripts_env())
     return {**_epochs(json.loads(clock.read_text()), launched), "rss_mib": rss}
 
 
@@ -451,46 +445,60 @@ def main() -> None:
     print(f"Written to {args.out}")
 
 
-def _speedups(args, workdir: Path) -> dict[str, list[float]]:
-    """Per round, how much longer an epoch takes with each speed-up switched off, as a
-    share of that epoch: runs interleaved, each against the round's run with all of them."""
-    from without_speedup import SPEEDUPS
+# Pairs of timed epochs (with and without) per speed-up in each --speedups run.
+SPEEDUP_PAIRS = 4
 
-    worth: dict[str, list[float]] = {name: [] for name in SPEEDUPS if name != "none"}
+
+def _speedups(args, workdir: Path) -> dict[str, list[float]]:
+    """For each speed-up, (epoch without it - epoch with it) / epoch without it, for every
+    pair of neighbouring epochs of --rounds genlab-train runs (scripts/speedups.py)."""
+    from speedups import SPEEDUPS, epochs, worth
+
+    shares: dict[str, list[float]] = {name: [] for name in SPEEDUPS}
     for i in range(args.rounds):
-        times = {
-            name: _genlab(args, workdir, 128, 256, f"without_{name}{i}", without=name)["epoch_s"]
-            for name in SPEEDUPS
-        }
-        for name in worth:
-            worth[name].append((times[name] - times["none"]) / times[name])
+        record = workdir / f"speedups{i}.json"
+        command = _genlab_command(
+            args,
+            workdir / f"speedups{i}",
+            epochs(SPEEDUP_PAIRS),
+            "+callbacks.speedups._target_=speedups.Toggle",
+            f"+callbacks.speedups.path={record}",
+            f"+callbacks.speedups.pairs={SPEEDUP_PAIRS}",
+        )
+        _run(command, _scripts_env())
+        for name, values in worth(json.loads(record.read_text())).items():
+            shares[name] += values
         print(
-            f"  speed-ups, round {i + 1}/{args.rounds}: "
-            + ", ".join(f"{name} {100 * worth[name][-1]:+.1f}%" for name in worth),
+            f"  speed-ups, run {i + 1}/{args.rounds}: "
+            + ", ".join(f"{n} {100 * statistics.median(v):+.1f}%" for n, v in shares.items()),
             flush=True,
         )
-    return worth
+    return shares
 
 
 def _speedup_lines(args, speedups: dict[str, list[float]]) -> list[str]:
-    from without_speedup import SPEEDUPS
+    from speedups import SPEEDUPS
 
     lines = [
         "",
         "## What each speed-up is worth",
         "",
-        f"`--speedups`: genlab with one speed-up switched off at a time (`scripts/without_speedup.py`), "
-        f"{args.rounds} interleaved rounds of every variant, {args.epochs} epochs each after a warm-up. "
-        "Worth: (epoch without it - epoch with all of them) / epoch without it, the median over "
-        "the rounds (each round against its own run with all of them), and the range.",
+        (
+            f"`--speedups`: {args.rounds} runs of the workload above, each switching one speed-up "
+            f"off at a time (`scripts/speedups.py`): {SPEEDUP_PAIRS} pairs of nearby epochs, "
+            "with and without, per speed-up and run, in alternating order. "
+            "Worth: (epoch without it - epoch with it) / epoch without it; the median over all "
+            "pairs, and the middle half of them. docs/PERFORMANCE.md says why each exists."
+        ),
         "",
-        "| speed-up | worth (% of an epoch) | range (%) |",
+        "| speed-up | worth (% of an epoch) | middle half of the pairs (%) |",
         "|---|---|---|",
     ]
     for name, shares in speedups.items():
+        low, _, high = statistics.quantiles(shares, n=4)
         lines.append(
             f"| {SPEEDUPS[name][0]} | {100 * statistics.median(shares):+.1f} | "
-            f"{100 * min(shares):+.1f} to {100 * max(shares):+.1f} |"
+            f"{100 * low:+.1f} to {100 * high:+.1f} |"
         )
     return lines
 

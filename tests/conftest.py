@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import DictConfig
 
 from genlab import fid
@@ -13,6 +14,17 @@ from genlab.config import compose_config
 from genlab.data import DATASETS, ImageDataModule
 from genlab.errors import GenlabError
 from genlab.train import train
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Give each pytest-xdist worker, and the processes its tests start, its share of the
+    cores: torch's threads on every worker at once would oversubscribe them, and OpenMP's
+    waiting threads make that many times slower."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
@@ -42,6 +54,8 @@ FAST = [
     "trainer.enable_progress_bar=false",
     "data.eval_batch_size=256",
     "callbacks.images.latent_points=500",
+    # The Projector's sprite of the default 2000 test images takes a quarter of such a run.
+    "callbacks.images.projector_points=100",
 ]
 
 

@@ -1,11 +1,12 @@
-"""`genlab-train` as a user runs it: the installed console script in a subprocess."""
+"""`genlab-train` as a user runs it: command lines through the console script's entry point,
+in fresh interpreters (`commands.run_commands`), and the installed script itself in a
+subprocess that is killed and resumed."""
 
 from __future__ import annotations
 
 import json
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from commands import command_env, command_path, genlab_train
+from commands import command_env, command_path, run_commands
 
 # The limits of the acceptance runs: one short epoch.
 ACCEPTANCE_LIMITS = [
@@ -23,27 +24,47 @@ ACCEPTANCE_LIMITS = [
     "++trainer.limit_val_batches=5",
     "++trainer.limit_test_batches=5",
 ]
+RUNS = {
+    "model=vae data=mnist": "genlab.models.VAE",
+    "model=ae data=fashion_mnist": "genlab.models.AE",
+    "model=gan data=mnist": "genlab.models.GAN",
+    "model=vae data=fashion_mnist model/net=conv": "genlab.models.VAE",
+}
 
 
-@pytest.mark.parametrize(
-    ("spec", "target"),
-    [
-        ("model=vae data=mnist", "genlab.models.VAE"),
-        ("model=ae data=fashion_mnist", "genlab.models.AE"),
-        ("model=gan data=mnist", "genlab.models.GAN"),
-        ("model=vae data=fashion_mnist model/net=conv", "genlab.models.VAE"),
-    ],
-)
-def test_a_run_leaves_a_complete_run_directory(spec, target, data_dir, tmp_path):
-    run_dir = tmp_path / "run"
-    result = genlab_train(
-        *spec.split(),
-        *ACCEPTANCE_LIMITS,
-        f"hydra.run.dir={run_dir}",
-        data_dir=data_dir,
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+@pytest.fixture(scope="module")
+def acceptance(data_dir, tmp_path_factory) -> tuple[Path, dict[str, dict]]:
+    """The acceptance commands below, run once, one after another in one interpreter:
+    their folder, and the result of each by name."""
+    folder = tmp_path_factory.mktemp("acceptance")
+    cases = {
+        **{
+            spec: {"args": [*spec.split(), *ACCEPTANCE_LIMITS, f"hydra.run.dir={folder / str(i)}"]}
+            for i, spec in enumerate(RUNS)
+        },
+        "seed --cfg job": {"args": ["experiment=seed_vae_mnist", "--cfg", "job"]},
+        "multirun": {
+            "args": [
+                "-m",
+                "model.latent_dim=2,4",
+                *ACCEPTANCE_LIMITS,
+                f"hydra.sweep.dir={folder / 'sweep'}",
+            ]
+        },
+        "missing data": {
+            "args": ["data.download=false", f"hydra.run.dir={folder / 'no_data'}"],
+            "unset": ["GENLAB_DATA_DIR"],
+        },
+    }
+    results = run_commands("genlab-train", list(cases.values()), data_dir, folder)
+    return folder, dict(zip(cases, results))
+
+
+@pytest.mark.parametrize(("spec", "target"), RUNS.items())
+def test_a_run_leaves_a_complete_run_directory(spec, target, acceptance):
+    folder, results = acceptance
+    run_dir = folder / str(list(RUNS).index(spec))
+    assert results[spec]["code"] == 0, results[spec]["stderr"][-3000:]
 
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["status"] == "completed"
@@ -54,10 +75,10 @@ def test_a_run_leaves_a_complete_run_directory(spec, target, data_dir, tmp_path)
     assert list((run_dir / "checkpoints").glob("*.ckpt"))
 
 
-def test_seed_experiment_composes_the_classic_vae(tmp_path):
-    result = genlab_train("experiment=seed_vae_mnist", "--cfg", "job", data_dir=None, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    cfg = yaml.safe_load(result.stdout)
+def test_seed_experiment_composes_the_classic_vae(acceptance):
+    result = acceptance[1]["seed --cfg job"]
+    assert result["code"] == 0, result["stderr"]
+    cfg = yaml.safe_load(result["stdout"])
     assert cfg["model"]["_target_"] == "genlab.models.VAE"
     assert cfg["model"]["latent_dim"] == 2
     assert cfg["model"]["net"]["hidden_dims"] == [256]
@@ -68,17 +89,10 @@ def test_seed_experiment_composes_the_classic_vae(tmp_path):
     assert cfg["trainer"]["max_epochs"] == 20
 
 
-def test_multirun_writes_one_directory_per_job(data_dir, tmp_path):
-    sweep_dir = tmp_path / "sweep"
-    result = genlab_train(
-        "-m",
-        "model.latent_dim=2,4",
-        *ACCEPTANCE_LIMITS,
-        f"hydra.sweep.dir={sweep_dir}",
-        data_dir=data_dir,
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_multirun_writes_one_directory_per_job(acceptance):
+    folder, results = acceptance
+    assert results["multirun"]["code"] == 0, results["multirun"]["stderr"][-3000:]
+    sweep_dir = folder / "sweep"
     jobs = sorted(p for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
     assert [p.name for p in jobs] == ["0", "1"]
     latent_dims = []
@@ -90,15 +104,14 @@ def test_multirun_writes_one_directory_per_job(data_dir, tmp_path):
     assert latent_dims == [2, 4]
 
 
-def test_missing_data_is_one_clear_paragraph_without_a_traceback(tmp_path):
-    result = genlab_train(
-        "data.download=false", f"hydra.run.dir={tmp_path / 'run'}", data_dir=None, cwd=tmp_path
-    )
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr + result.stdout
-    error = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+def test_missing_data_is_one_clear_paragraph_without_a_traceback(acceptance):
+    folder, results = acceptance
+    result = results["missing data"]
+    assert result["code"] not in (0, None, "uncaught")
+    assert "Traceback" not in result["stderr"] + result["stdout"]
+    error = [line for line in result["stderr"].splitlines() if line.startswith("Error:")]
     assert len(error) == 1
-    assert str(tmp_path / "data") in error[0]
+    assert str(folder / "data") in error[0]
     assert "GENLAB_DATA_DIR" in error[0] and "data.data_dir" in error[0]
 
 
@@ -114,53 +127,16 @@ FAST_CLI = [
     "data.eval_batch_size=256",
 ]
 
-# Runs `genlab.train.main` (what the genlab-train script calls) once per command line,
-# in one interpreter so that two dozen commands do not pay two dozen start-ups.
-_DRIVER = """
-import contextlib, io, json, os, signal, sys, traceback
+# A user pressing Ctrl-C during the third training step (a callback cases name as __main__.PressCtrlC).
+PRESS_CTRL_C = """
+import os, signal
 import pytorch_lightning as pl
-from genlab.cli import train_command as main
 
-class PressCtrlC(pl.Callback):  # a user pressing Ctrl-C during the third training step
+class PressCtrlC(pl.Callback):
     def on_train_batch_end(self, trainer, *args):
         if trainer.global_step == 3:
             os.kill(os.getpid(), signal.SIGINT)
-
-cases, results_file, results = json.loads(sys.argv[1]), sys.argv[2], []
-for case in cases:
-    sys.argv = ["genlab-train", *case["args"]]
-    os.environ.pop("HYDRA_FULL_ERROR", None)
-    os.environ.update(case.get("env", {}))
-    out, err, code = io.StringIO(), io.StringIO(), 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main()
-        except SystemExit as stop:
-            code = stop.code
-        except BaseException:
-            traceback.print_exc()
-            code = "uncaught"
-    read = case.get("read")  # a file to read right after the command, e.g. its metrics.json
-    text = open(read).read() if read and os.path.exists(read) else None
-    results.append({"code": code, "stdout": out.getvalue(), "stderr": err.getvalue(), "read": text})
-with open(results_file, "w") as f:
-    json.dump(results, f)
 """
-
-
-def run_commands(cases: list[dict], data_dir: Path, cwd: Path) -> list[dict]:
-    out = cwd / "results.json"
-    done = subprocess.run(
-        [sys.executable, "-c", _DRIVER, json.dumps(cases), str(out)],
-        check=False,
-        cwd=cwd,
-        env=command_env(data_dir),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(out.read_text())
 
 
 # Each exits != 0 with one "Error:" paragraph and no traceback. The first ten are the
@@ -231,7 +207,8 @@ def test_the_cli_reports_errors_cleanly_and_reproduces_a_run(data_dir, tmp_path)
         {"args": [*two_epochs, "resume=last"]},
     ]
 
-    results = run_commands([*runs, *errors, diverging, full_error, *ctrl_c], data_dir, tmp_path)
+    cases = [*runs, *errors, diverging, full_error, *ctrl_c]
+    results = run_commands("genlab-train", cases, data_dir, tmp_path, prelude=PRESS_CTRL_C)
     (gan_run, rerun), results = results[:2], results[2:]
     error_results, (diverged, full, stopped, resumed) = results[:-4], results[-4:]
 

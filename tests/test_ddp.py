@@ -92,20 +92,6 @@ def test_two_cpu_processes_train_one_run(data_dir, tmp_path):
     assert len(list(run_dir.rglob("metrics.json"))) == 1
 
 
-def test_a_local_sweep_of_ddp_runs_is_refused(data_dir, tmp_path):
-    result = genlab_train(
-        "-m",
-        *DDP,
-        "model.latent_dim=2,3",
-        f"hydra.sweep.dir={tmp_path / 'sweep'}",
-        data_dir=data_dir,
-        cwd=tmp_path,
-    )
-    assert result.returncode == 1
-    assert "cannot run inside a local sweep (-m)" in result.stderr
-    assert "hydra/launcher=slurm" in result.stderr and "Traceback" not in result.stderr
-
-
 def test_the_cluster_commands_in_the_readme_compose():
     readme = (CONF_DIR.parent / "README.md").read_text()
     section = readme.split("## Running on a cluster")[1].split("\n## ")[0]

@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
 
-from commands import genlab_eval
+from commands import run_commands
 from conftest import FAST_EVAL
 from genlab import visuals
 from genlab.checkpoints import load_model
@@ -40,19 +40,27 @@ def eval_cfg(ckpt_path, out_dir: Path, cache_dir: Path, *overrides: str):
     )
 
 
-def test_genlab_eval_writes_the_metrics_of_a_vae_checkpoint(
-    vae_checkpoint, cache_dir, data_dir, tmp_path
-):
-    out_dir = tmp_path / "eval"
-    result = genlab_eval(
-        f"ckpt_path={vae_checkpoint}",
-        f"hydra.run.dir={out_dir}",
-        f"paths.cache_dir={cache_dir}",
-        *FAST_EVAL,
-        data_dir=data_dir,
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+@pytest.fixture(scope="module")
+def commands(vae_checkpoint, cache_dir, data_dir, tmp_path_factory) -> tuple[Path, list[dict]]:
+    """The genlab-eval command lines below, run once in one interpreter: their folder,
+    and their results."""
+    folder = tmp_path_factory.mktemp("genlab_eval")
+    cases = [
+        [
+            f"ckpt_path={vae_checkpoint}",
+            f"hydra.run.dir={folder / 'eval'}",
+            f"paths.cache_dir={cache_dir}",
+            *FAST_EVAL,
+        ],
+        [f"ckpt_path={folder / 'nope.ckpt'}", f"hydra.run.dir={folder / 'missing'}"],
+    ]
+    return folder, run_commands("genlab-eval", [{"args": a} for a in cases], data_dir, folder)
+
+
+def test_genlab_eval_writes_the_metrics_of_a_vae_checkpoint(commands, cache_dir):
+    folder, (result, _) = commands
+    out_dir = folder / "eval"
+    assert result["code"] == 0, result["stderr"][-3000:]
     metrics = json.loads((out_dir / "metrics.json").read_text())
     assert NATS_METRICS | CODE_METRICS | GENERATION_METRICS <= metrics.keys()
     assert metrics["test/nll"] <= metrics["test/neg_elbo"] + 0.5
@@ -67,7 +75,7 @@ def test_genlab_eval_writes_the_metrics_of_a_vae_checkpoint(
     assert 1 <= metrics["test/is"] <= 10
     assert metrics["classifier_file"].startswith(str(cache_dir))
     # The table on the console says what the numbers are not.
-    assert "never with FID/IS published for papers" in result.stderr + result.stdout
+    assert "never with FID/IS published for papers" in result["stderr"] + result["stdout"]
 
 
 def test_the_same_checkpoint_and_seed_give_the_same_numbers(vae_checkpoint, cache_dir, tmp_path):
@@ -132,16 +140,11 @@ def test_the_cache_defaults_to_the_users_cache_folder(monkeypatch):
     assert compose_config(config_name="train").paths.cache_dir == "/mine"
 
 
-def test_a_missing_checkpoint_is_one_clear_paragraph_without_a_traceback(data_dir, tmp_path):
-    result = genlab_eval(
-        f"ckpt_path={tmp_path / 'nope.ckpt'}",
-        f"hydra.run.dir={tmp_path / 'eval'}",
-        data_dir=data_dir,
-        cwd=tmp_path,
-    )
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr + result.stdout
-    (error,) = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+def test_a_missing_checkpoint_is_one_clear_paragraph_without_a_traceback(commands):
+    _, (_, result) = commands
+    assert result["code"] not in (0, None, "uncaught")
+    assert "Traceback" not in result["stderr"] + result["stdout"]
+    (error,) = [line for line in result["stderr"].splitlines() if line.startswith("Error:")]
     assert "ckpt_path=" in error and "nope.ckpt" in error and "last.ckpt" in error
 
 

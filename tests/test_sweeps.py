@@ -6,16 +6,18 @@ import csv
 import json
 import os
 import re
+from pathlib import Path
 
 import pytest
 import yaml
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from commands import genlab_train
+from commands import run_commands
 from genlab import report
 from genlab.cli import report_command
 from genlab.config import CONF_DIR
+from test_ddp import DDP
 
 TINY = [
     "model=vae",
@@ -116,22 +118,37 @@ def test_the_report_of_a_folder_without_jobs_is_a_clear_error(tmp_path, capsys):
     assert "is not a folder" in capsys.readouterr().err
 
 
-def test_a_sweep_goes_on_past_a_failing_job_and_reports_itself(data_dir, tmp_path):
-    sweep = tmp_path / "sweep"
-    result = genlab_train(
-        "-m",
-        *TINY,
-        "model.latent_dim=2",
-        "model.net.activation=relu,bogus",
-        f"hydra.sweep.dir={sweep}",
-        data_dir=data_dir,
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+LAUNCHERS = ("joblib", "submitit_local")
+
+
+@pytest.fixture(scope="module")
+def sweeps(data_dir, tmp_path_factory) -> tuple[Path, dict[str, dict]]:
+    """The sweeps below, run once, one after another from one interpreter: their folder
+    (a sweep's is ``<folder>/<name>``), and the result of each by name."""
+    folder = tmp_path_factory.mktemp("sweeps")
+    cases = {
+        "failing": [*TINY, "model.latent_dim=2", "model.net.activation=relu,bogus"],
+        **{
+            launcher: [f"hydra/launcher={launcher}", *TINY, "model.latent_dim=2,3"]
+            for launcher in LAUNCHERS
+        },
+        "optuna": ["+sweep=optuna_vae", "hydra.sweeper.n_trials=2", *TINY[1:]],
+        "local ddp": [*DDP, "model.latent_dim=2,3"],
+    }
+    runs = [
+        {"args": ["-m", *args, f"hydra.sweep.dir={folder / name}"]} for name, args in cases.items()
+    ]
+    return folder, dict(zip(cases, run_commands("genlab-train", runs, data_dir, folder)))
+
+
+def test_a_sweep_goes_on_past_a_failing_job_and_reports_itself(sweeps):
+    folder, results = sweeps
+    sweep, result = folder / "failing", results["failing"]
+    assert result["code"] == 0, result["stderr"][-3000:]
     done, failed = (json.loads((sweep / job / "metrics.json").read_text()) for job in "01")
     assert done["status"] == "completed" and "test/neg_elbo" in done
     assert failed["status"] == "failed" and "'bogus'" in failed["error"]
-    console = result.stdout + result.stderr
+    console = result["stdout"] + result["stderr"]
     assert "Traceback" not in console
     assert "Job failed: Invalid configuration: model.net.activation='bogus'" in console
 
@@ -145,19 +162,11 @@ def test_a_sweep_goes_on_past_a_failing_job_and_reports_itself(data_dir, tmp_pat
     assert (sweep / report.RATE_DISTORTION).is_file() and (sweep / report.LATENTS_GRID).is_file()
 
 
-@pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
-def test_parallel_and_cluster_launchers_run_every_job(data_dir, tmp_path, launcher):
-    sweep = tmp_path / "sweep"
-    result = genlab_train(
-        "-m",
-        f"hydra/launcher={launcher}",
-        *TINY,
-        "model.latent_dim=2,3",
-        f"hydra.sweep.dir={sweep}",
-        data_dir=data_dir,
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_parallel_and_cluster_launchers_run_every_job(sweeps, launcher):
+    folder, results = sweeps
+    sweep, result = folder / launcher, results[launcher]
+    assert result["code"] == 0, result["stderr"][-3000:]
     for job in "01":
         metrics = json.loads((sweep / job / "metrics.json").read_text())
         assert metrics["status"] == "completed"
@@ -169,18 +178,10 @@ def test_parallel_and_cluster_launchers_run_every_job(data_dir, tmp_path, launch
         assert threads * 2 <= max(2, os.cpu_count())
 
 
-def test_optuna_minimises_the_objective_the_jobs_report(data_dir, tmp_path):
-    sweep = tmp_path / "sweep"
-    result = genlab_train(
-        "-m",
-        "+sweep=optuna_vae",
-        "hydra.sweeper.n_trials=2",
-        *TINY[1:],
-        f"hydra.sweep.dir={sweep}",
-        data_dir=data_dir,
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_optuna_minimises_the_objective_the_jobs_report(sweeps):
+    folder, results = sweeps
+    sweep, result = folder / "optuna", results["optuna"]
+    assert result["code"] == 0, result["stderr"][-3000:]
     scores = [
         json.loads((sweep / job / "metrics.json").read_text())["val/neg_elbo"] for job in "01"
     ]
@@ -211,3 +212,10 @@ def test_sweep_presets_choose_the_model_and_the_grid(preset, model, swept):
         cfg = compose("train", overrides=[f"+sweep={preset}"], return_hydra_config=True)
     assert cfg.model._target_ == f"genlab.models.{model}"
     assert dict(cfg.hydra.sweeper.params) == swept
+
+
+def test_a_local_sweep_of_ddp_runs_is_refused(sweeps):
+    result = sweeps[1]["local ddp"]
+    assert result["code"] == 1
+    assert "cannot run inside a local sweep (-m)" in result["stderr"]
+    assert "hydra/launcher=slurm" in result["stderr"] and "Traceback" not in result["stderr"]

@@ -73,16 +73,6 @@ class LeanLightningModule(pl.LightningModule):
         else:
             super().__setattr__(name, value)
 
-    def transfer_batch_to_device(
-        self, batch: Any, device: torch.device, dataloader_idx: int
-    ) -> Any:
-        # genlab's loaders serve batches already on the training device: skip Lightning's checks.
-        if isinstance(batch, tuple) and all(
-            isinstance(t, Tensor) and t.device == device for t in batch
-        ):
-            return batch
-        return super().transfer_batch_to_device(batch, device, dataloader_idx)
-
     def configure_gradient_clipping(
         self,
         optimizer: torch.optim.Optimizer,
