@@ -61,29 +61,12 @@ def _metric_sums(trainer: pl.Trainer, on: bool) -> None:
     LeanLightningModule.log_metrics = _LOG_METRICS if on else log_metrics
 
 
-def _profiler(trainer: pl.Trainer, on: bool) -> None:
-    from pytorch_lightning.profilers import PassThroughProfiler
-
-    from genlab.runtime import QuietProfiler
-
-    trainer.profiler = QuietProfiler() if on else PassThroughProfiler()
-
-
 def _cuda_check(trainer: pl.Trainer, on: bool) -> None:
     """Off: Lightning's PYTORCH_NVML_BASED_CUDA_CHECK=1, which torch does not cache."""
     if on:
         os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
     else:
         os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
-
-
-def _checksums(trainer: pl.Trainer, on: bool) -> None:
-    """Off: tensorboard's own pure-Python CRC-32C."""
-    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
-
-    from genlab import private_api, runtime
-
-    private_api.set_record_checksum(runtime.masked_crc32c if on else masked_crc32c)
 
 
 _WRITES_STEP_LOGS: Any = None
@@ -94,10 +77,6 @@ SPEEDUPS: dict[str, tuple[str, Callable[[], Callable[[pl.Trainer, bool], None]]]
     "hook_name": (
         "`__setattr__` for Lightning's hook name (`models/lean.py`)",
         lambda: _method("__setattr__"),
-    ),
-    "clipping": (
-        "`configure_gradient_clipping` skipped when unset (`models/lean.py`)",
-        lambda: _method("configure_gradient_clipping"),
     ),
     "log_gate": (
         "per-step values handed to Lightning on its logging steps only (`models/lean.py`)",
@@ -110,9 +89,7 @@ SPEEDUPS: dict[str, tuple[str, Callable[[], Callable[[pl.Trainer, bool], None]]]
         ),
         lambda: _metric_sums,
     ),
-    "profiler": ("`QuietProfiler` (`runtime.py`)", lambda: _profiler),
     "cuda_check": ("`cache_cuda_check` (`runtime.py`)", lambda: _cuda_check),
-    "checksums": ("TensorBoard's checksums in C (`runtime.py`)", lambda: _checksums),
 }
 
 
@@ -120,7 +97,7 @@ def schedule(pairs: int) -> list[tuple[str | None, bool, bool]]:
     """The epochs after the warm-up: (speed-up switched, whether it is on, whether the
     epoch is timed), in order. Each setting lasts two epochs and only the second is timed,
     so that nothing left over from the setting before (TensorBoard's writer thread still
-    checksumming the last epoch's pictures, say) is counted."""
+    writing the last epoch's pictures, say) is counted."""
     epochs: list[tuple[str | None, bool, bool]] = []
     for i in range(pairs):
         for name in SPEEDUPS:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -113,6 +114,40 @@ def test_missing_data_is_one_clear_paragraph_without_a_traceback(acceptance):
     assert len(error) == 1
     assert str(folder / "data") in error[0]
     assert "GENLAB_DATA_DIR" in error[0] and "data.data_dir" in error[0]
+
+
+_IMPORTED = """
+import contextlib, io, json, sys
+from genlab import cli
+
+commands = {
+    "genlab-train": cli.train_command, "genlab-eval": cli.eval_command, "genlab-report": cli.report_command
+}
+for name, *args in json.loads(sys.argv[1]):
+    sys.argv = [name, *args]
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):
+        commands[name]()
+print(json.dumps(sorted(m for m in ("torch", "pytorch_lightning", "torchvision") if m in sys.modules)))
+"""
+
+
+def test_help_and_cfg_import_no_torch(tmp_path):
+    commands = [
+        ["genlab-train", "--help"],
+        ["genlab-train", "experiment=seed_vae_mnist", "--cfg", "job"],
+        ["genlab-eval", "--help"],
+        ["genlab-report", "--help"],
+    ]
+    done = subprocess.run(
+        [sys.executable, "-c", _IMPORTED, json.dumps(commands)],
+        cwd=tmp_path,
+        env=command_env(None),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert json.loads(done.stdout.splitlines()[-1]) == []
 
 
 # -- clean errors, reproduction and crash safety, through the real entry point -----------------

@@ -61,8 +61,8 @@ _CLASSIFIER_CAVEAT = (
 
 @dataclass(frozen=True)
 class EvalOptions:
-    """How to evaluate: the ``eval`` options of conf/eval/default.yaml (genlab-eval), which
-    genlab-train uses with ``eval.after_fit=true``; each is described there."""
+    """How to evaluate: the ``eval`` options of conf/eval/default.yaml (genlab-eval), each
+    described there, and of after_fit.yaml (genlab-train, ``eval.after_fit=true``)."""
 
     nll_samples: Annotated[int, Range(1)] = 1000
     num_samples: Annotated[int, Range(2)] = 10000

@@ -53,19 +53,6 @@ def event_file_writer(writer: SummaryWriter) -> Any:
     return writer._get_file_writer()
 
 
-def set_record_checksum(masked_crc32c: Callable[[bytes], int]) -> bool:
-    """Make TensorBoard's event writer checksum its records with ``masked_crc32c``;
-    returns False, changing nothing, when its writer no longer computes them there."""
-    try:
-        from tensorboard.summary.writer import record_writer
-    except ImportError:
-        return False
-    if not hasattr(record_writer, "masked_crc32c"):
-        return False
-    record_writer.masked_crc32c = masked_crc32c
-    return True
-
-
 # -- Hydra ----------------------------------------------------------------------------------------
 
 

@@ -3,17 +3,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import ctypes.util
 import functools
 import os
 import sys
-from typing import TYPE_CHECKING, Any
-
-from pytorch_lightning.profilers import PassThroughProfiler
-
-from genlab import private_api
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
@@ -61,41 +56,3 @@ def cache_cuda_check(trainer: pl.Trainer) -> None:
     """
     if trainer.world_size == 1 and trainer.num_nodes == 1:
         os.environ.pop(_NVML_CHECK, None)
-
-
-# TFRecord's mask of a record's CRC-32C (TensorFlow's crc32c::Mask), which TensorBoard checks.
-_CRC_MASK_DELTA = 0xA282EAD8
-_U32 = 0xFFFFFFFF
-
-
-def masked_crc32c(data: bytes) -> int:
-    """The masked CRC-32C of ``data``, as TensorBoard's event files store it, computed in C."""
-    import google_crc32c
-
-    crc = google_crc32c.value(bytes(data))
-    return (((crc >> 15) | ((crc << 17) & _U32)) + _CRC_MASK_DELTA) & _U32
-
-
-@functools.cache
-def fast_tensorboard_checksums() -> bool:
-    """Let TensorBoard's event writer checksum its records in C (google-crc32c) instead of
-    pure Python, whose loop held the GIL against training after every epoch's pictures.
-    The files are byte for byte the same. Returns whether it applied."""
-    try:
-        import google_crc32c
-    except ImportError:
-        return False
-    return google_crc32c.implementation == "c" and private_api.set_record_checksum(masked_crc32c)
-
-
-# One reusable context that does nothing (nullcontext may be entered any number of times).
-_NOT_PROFILED = contextlib.nullcontext()
-
-
-class QuietProfiler(PassThroughProfiler):
-    """Lightning's default profiler (none), without building a context manager for each of
-    the ~75 hook calls of a training step. genlab trains with it unless
-    ``trainer.profiler`` names a real profiler."""
-
-    def profile(self, action_name: str) -> Any:
-        return _NOT_PROFILED

@@ -60,7 +60,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     eval_options = instantiate(cfg.eval)
     datamodule.prepare_data()  # missing or corrupt files stop the run here, before it writes
 
-    runtime.fast_tensorboard_checksums()
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c]
     if not cfg.trainer.get("enable_progress_bar", True):
@@ -130,8 +129,6 @@ def _quiet_third_party_noise() -> None:
 def _build_trainer(cfg: DictConfig, **objects: Any) -> pl.Trainer:
     if not cfg.trainer.get("plugins"):  # a user's own plugins replace the atomic checkpoint writer
         objects["plugins"] = [AtomicCheckpointIO()]
-    if not cfg.trainer.get("profiler"):  # ++trainer.profiler=simple (or advanced) profiles
-        objects["profiler"] = runtime.QuietProfiler()
     try:
         return instantiate(cfg.trainer, **objects)
     except InstantiationException as err:

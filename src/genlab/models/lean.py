@@ -73,18 +73,6 @@ class LeanLightningModule(pl.LightningModule):
         else:
             super().__setattr__(name, value)
 
-    def configure_gradient_clipping(
-        self,
-        optimizer: torch.optim.Optimizer,
-        gradient_clip_val: float | None = None,
-        gradient_clip_algorithm: str | None = None,
-    ) -> None:
-        # Unset (or 0), nothing is clipped: skip Lightning's checks of the settings.
-        if gradient_clip_val:
-            super().configure_gradient_clipping(
-                optimizer, gradient_clip_val, gradient_clip_algorithm
-            )
-
     def log_metrics(self, split: str, metrics: dict[str, Tensor], batch_size: int) -> None:
         """Log ``metrics`` as ``split/<name>``, the mean over the epoch's examples; for
         training also ``train/<name>_step`` on the steps Lightning writes out."""
