@@ -248,6 +248,8 @@ def test_the_cli_reports_errors_cleanly_and_reproduces_a_run(data_dir, tmp_path)
     error_results, (diverged, full, stopped, resumed) = results[:-4], results[-4:]
 
     assert gan_run["code"] == 0 and rerun["code"] == 0, gan_run["stderr"] + rerun["stderr"]
+    # The rerun from the run directory's own config logs to train.log, as the run did.
+    assert (gan / "train.log").is_file() and (again / "train.log").is_file()
     first = json.loads((gan / "metrics.json").read_text())
     second = json.loads((again / "metrics.json").read_text())
     assert {k: v for k, v in first.items() if "/" in k} == {

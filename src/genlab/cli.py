@@ -20,6 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from genlab import private_api
 from genlab.config import CONF_DIR, hydra_errors
 from genlab.errors import GenlabError, find_user_error, user_errors
 from genlab.rundir import record_failure
@@ -96,8 +97,8 @@ def _objective(cfg: DictConfig, metrics: dict[str, Any]) -> float | None:
 def train_command() -> None:
     """``genlab-train``: one training run, or a sweep with ``-m``."""
     try:
-        with hydra_errors.reworded(CONF_DIR):
-            _train()
+        with private_api.hydra_task_module("genlab.train"), hydra_errors.reworded(CONF_DIR):
+            _train()  # its log: train.log
     except KeyboardInterrupt:  # Ctrl-C outside training: nothing to save
         print("Interrupted.", file=sys.stderr)
         raise SystemExit(130) from None
@@ -113,8 +114,8 @@ def _evaluate(cfg: DictConfig) -> None:
 
 def eval_command() -> None:
     """``genlab-eval``: a checkpoint's metrics on the test set."""
-    with hydra_errors.reworded(CONF_DIR):
-        _evaluate()
+    with private_api.hydra_task_module("genlab.evaluate"), hydra_errors.reworded(CONF_DIR):
+        _evaluate()  # its log: evaluate.log
 
 
 def report_command(argv: list[str] | None = None) -> None:

@@ -9,6 +9,7 @@ slower or plainer, never wrong.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -54,6 +55,26 @@ def event_file_writer(writer: SummaryWriter) -> Any:
 
 
 # -- Hydra ----------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def hydra_task_module(module: str) -> Iterator[None]:
+    """While the block runs, ``hydra.main`` takes its task function to live in ``module``,
+    and names the job (and its log file, ``<last part of module>.log``) after it.
+
+    Hydra reads the override from ``HYDRA_MAIN_MODULE`` (``hydra._internal.utils``). The
+    job name could also be set in a config (``hydra.job.name``), but not in the one a run
+    directory keeps (``.hydra/config.yaml``), from which a run is reproduced.
+    """
+    previous = os.environ.get("HYDRA_MAIN_MODULE")
+    os.environ["HYDRA_MAIN_MODULE"] = module
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("HYDRA_MAIN_MODULE", None)
+        else:
+            os.environ["HYDRA_MAIN_MODULE"] = previous
 
 
 @contextlib.contextmanager

@@ -9,11 +9,10 @@ genlab signature takes are declared below. Every problem found is reported at on
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from collections.abc import Mapping
 from typing import Annotated, Any
-
-from hydra.utils import get_object
 
 from genlab.options import Explained, Range, problem, raise_if_any, type_hints, unknown
 
@@ -30,12 +29,32 @@ OTHER_OPTIONS: dict[str, Any] = {
 }
 
 
+def _import(dotted: str) -> Any:
+    """The object a ``_target_`` names: the longest importable module, then attributes."""
+    parts = dotted.split(".")
+    for end in range(len(parts), 0, -1):
+        try:
+            found = importlib.import_module(".".join(parts[:end]))
+        except ImportError:
+            continue
+        for name in parts[end:]:
+            found = getattr(found, name)
+        return found
+    raise ImportError(dotted)
+
+
 def _check_target(path: str, node: Mapping[str, Any], problems: dict[str, str]) -> None:
     target_name = node["_target_"]
     try:
-        target = get_object(target_name)
+        target = _import(target_name)
     except (ImportError, AttributeError, ValueError):
-        problems[f"{path}._target_"] = f"{path}._target_={target_name!r} cannot be imported"
+        hint = (
+            " (a config written by another version of genlab? Rerun it with the genlab "
+            "commit its run directory's environment.json records)"
+            if str(target_name).startswith("genlab.")
+            else ""
+        )
+        problems[f"{path}._target_"] = f"{path}._target_={target_name!r} cannot be imported{hint}"
         return
     try:
         parameters = inspect.signature(target).parameters
