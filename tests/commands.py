@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -104,7 +105,9 @@ def run_commands(
     ``stdout``, ``stderr`` and ``read`` (that file's text, or None). ``prelude``
     is Python run first, e.g. a callback class a case names as ``__main__.<name>``.
     """
-    out = cwd / f".results-{os.getpid()}-{len(list(cwd.glob('.results-*')))}.json"
+    handle, results = tempfile.mkstemp(prefix=".results-", suffix=".json", dir=cwd)
+    os.close(handle)
+    out = Path(results)
     driver = f"ENTRY_POINTS = {ENTRY_POINTS!r}\n" + _DRIVER.replace("PRELUDE", prelude)
     done = subprocess.run(
         [sys.executable, "-c", driver, name, json.dumps(cases), str(out)],

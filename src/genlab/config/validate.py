@@ -30,7 +30,8 @@ OTHER_OPTIONS: dict[str, Any] = {
 
 
 def _import(dotted: str) -> Any:
-    """The object a ``_target_`` names: the longest importable module, then attributes."""
+    """The object a ``_target_`` names: the longest importable module, then attributes.
+    (``hydra.utils.get_object`` would log an error of its own before the one paragraph.)"""
     parts = dotted.split(".")
     for end in range(len(parts), 0, -1):
         try:

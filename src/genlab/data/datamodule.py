@@ -44,7 +44,7 @@ IMAGE_SIZE = (28, 28)
 NUM_CLASSES = 10
 
 
-def to_float(images: Tensor) -> Tensor:
+def _to_float(images: Tensor) -> Tensor:
     """uint8 (N, 28, 28) -> float32 (N, 1, 28, 28) in [0, 1]."""
     return images.unsqueeze(1).float().div_(255.0)
 
@@ -198,7 +198,7 @@ class ImageDataModule(pl.LightningDataModule):
                 len(images), generator=torch.Generator().manual_seed(self.split_seed)
             )
             val_idx, train_idx = order[: self.val_size], order[self.val_size :]
-            train_images = to_float(images[train_idx])
+            train_images = _to_float(images[train_idx])
             if self.binarize == "static":
                 train_images = binarize_sample(train_images, BINARIZE_SEED_TRAIN)
             self.splits["train"] = (train_images.to(device), labels[train_idx].to(device))
@@ -209,7 +209,7 @@ class ImageDataModule(pl.LightningDataModule):
     def _eval_split(
         self, images: Tensor, labels: Tensor, device: torch.device
     ) -> tuple[Tensor, Tensor]:
-        images = to_float(images)
+        images = _to_float(images)
         if self.binarize != "none":
             images = binarize_sample(images, BINARIZE_SEED_EVAL)
         return images.to(device), labels.to(device)
