@@ -79,8 +79,8 @@ def test_genlab_eval_writes_the_metrics_of_a_vae_checkpoint(commands, cache_dir)
 
 
 def test_the_same_checkpoint_and_seed_give_the_same_numbers(vae_checkpoint, cache_dir, tmp_path):
-    cfg = eval_cfg(vae_checkpoint, tmp_path / "a", cache_dir, "eval.fid=false")
-    first, again = evaluate(cfg), evaluate(cfg)
+    first = evaluate(eval_cfg(vae_checkpoint, tmp_path / "a", cache_dir, "eval.fid=false"))
+    again = evaluate(eval_cfg(vae_checkpoint, tmp_path / "again", cache_dir, "eval.fid=false"))
     other = evaluate(
         eval_cfg(vae_checkpoint, tmp_path / "b", cache_dir, "eval.fid=false", "eval.seed=1")
     )

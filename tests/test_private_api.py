@@ -75,3 +75,32 @@ def test_hydras_reporter_is_rerouted_for_the_block_only():
         assert hydra_utils.run_and_report(lambda: 7) == 7
     assert seen == ["rewritten"]
     assert hydra_utils.run_and_report is original
+
+
+class _StopsAtStep2(_Tiny):
+    def training_step(self, batch, batch_idx):
+        if self.global_step == 2:
+            assert private_api.request_sigterm_stop(self.trainer)
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_stop_asked_of_lightnings_signal_connector_ends_fit_after_the_batch(tmp_path):
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+    model = _StopsAtStep2()
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(6, 2)))
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path,
+        max_epochs=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=False,
+        enable_checkpointing=False,
+    )
+    try:
+        trainer.fit(model, data)
+    except SIGTERMException:
+        pass
+    else:
+        raise AssertionError("fit ended without Lightning's SIGTERM stop")
+    assert trainer.global_step == 3  # the batch that asked finished

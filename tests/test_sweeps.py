@@ -138,7 +138,10 @@ def sweeps(data_dir, tmp_path_factory) -> tuple[Path, dict[str, dict]]:
     runs = [
         {"args": ["-m", *args, f"hydra.sweep.dir={folder / name}"]} for name, args in cases.items()
     ]
-    return folder, dict(zip(cases, run_commands("genlab-train", runs, data_dir, folder)))
+    # The failing sweep's command again, into its folder.
+    runs.append({**runs[0], "read": str(folder / "failing" / "0" / "metrics.json")})
+    results = run_commands("genlab-train", runs, data_dir, folder)
+    return folder, dict(zip([*cases, "failing again"], results, strict=True))
 
 
 def test_a_sweep_goes_on_past_a_failing_job_and_reports_itself(sweeps):
@@ -160,6 +163,15 @@ def test_a_sweep_goes_on_past_a_failing_job_and_reports_itself(sweeps):
         ("bogus", "failed"),
     ]
     assert (sweep / report.RATE_DISTORTION).is_file() and (sweep / report.LATENTS_GRID).is_file()
+
+
+def test_a_sweep_into_a_used_folder_does_not_pass_off_its_results(sweeps):
+    _, results = sweeps
+    again = results["failing again"]
+    assert again["code"] == 1
+    # Job 0 finished before; job 1 fails its config check again, as it did then.
+    assert "Error: 1 job(s) of this sweep did not run" in again["stderr"]
+    assert json.loads(again["read"])["status"] == "completed"  # job 0's results, untouched
 
 
 @pytest.mark.parametrize("launcher", LAUNCHERS)

@@ -7,6 +7,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
+from genlab.disk import write_error
+
 
 def write_atomically(
     path: str | os.PathLike, content: str | bytes | Callable[[BinaryIO], None]
@@ -31,6 +33,11 @@ def write_atomically(
             f.flush()
             os.fsync(f.fileno())
         os.replace(partial, path)
+    except Exception as err:
+        failed = write_error(err)
+        if failed is not None and failed.filename is None:  # a write into an open file names none
+            failed.filename = str(path)
+        raise
     finally:
         partial.unlink(missing_ok=True)  # only still there when the write failed
     # Make the rename itself durable.

@@ -3,7 +3,10 @@ back as data (tensors and plain values, never code) to rebuild a trained model."
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,15 +23,32 @@ from genlab.models.base import CONFIG_KEY, GenerativeModel
 from genlab.options import Range, checked
 from genlab.rundir import LAST_CHECKPOINT
 
+# Checkpoint entry holding a hash of the weights, checked when they are loaded: a file
+# changed on disk (a flipped bit) is not silently trained on or evaluated.
+WEIGHTS_HASH_KEY = "genlab_weights_sha256"
+
+
+def weights_hash(weights: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of the tensors' names, dtypes, shapes and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(weights):
+        tensor = weights[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint writer, through `write_atomically`: a crash or ``kill -9``
     during a save leaves the previous checkpoint whole. (Lightning's own stages the file in
-    the system's temp folder, and a move from another file system is a copy.)"""
+    the system's temp folder, and a move from another file system is a copy.) It stores
+    the weights' hash (`WEIGHTS_HASH_KEY`) beside them."""
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None
     ) -> None:
+        if isinstance(checkpoint.get("state_dict"), dict):
+            checkpoint = {**checkpoint, WEIGHTS_HASH_KEY: weights_hash(checkpoint["state_dict"])}
         if storage_options is not None or "://" in str(path):  # remote storage: Lightning's way
             super().save_checkpoint(checkpoint, path, storage_options)
             return
@@ -97,15 +117,123 @@ def read_checkpoint(
     return checkpoint
 
 
-def load_model(ckpt_path: str | os.PathLike, map_location: str = "cpu") -> GenerativeModel:
-    """Rebuild a trained model from a genlab checkpoint (its run config travels inside it)."""
+# What a checkpoint's config may name to be rebuilt (``_target_`` prefixes): genlab's models
+# and data, torch's optimisers and schedules. A checkpoint is data: anything else it names
+# is refused before anything is imported, so a crafted file cannot make genlab call code.
+TRUSTED_TARGETS = ("genlab.models.", "genlab.data.", "torch.optim.")
+# The parts of the run config that rebuilding a model and its data instantiates.
+_REBUILT = ("model", "data")
+
+
+def _targets(node: Any, path: str) -> Iterator[tuple[str, Any]]:
+    """(config key, value) of every ``_target_`` under ``node``, lists included."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            where = f"{path}.{key}" if path else str(key)
+            if key == "_target_":
+                yield where, value
+            else:
+                yield from _targets(value, where)
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _targets(value, f"{path}[{i}]")
+
+
+def trusted_run_config(saved: Any, source: str, trusted: Sequence[str] = ()) -> dict[str, Any]:
+    """A checkpoint's run config, resolved, once every class it would have rebuilt is on
+    the allow-list (`TRUSTED_TARGETS`, plus ``trusted`` prefixes the user names)."""
+    not_genlab = f"{source!r} is not a checkpoint genlab-train wrote"
+    if not isinstance(saved, dict):
+        raise GenlabError(
+            f"{not_genlab}: its run config is a {type(saved).__name__}, not a mapping."
+        )
+    try:
+        config = OmegaConf.to_container(OmegaConf.create(saved), resolve=True)
+    except Exception as err:  # OmegaConf's errors for keys or interpolations it cannot read
+        raise GenlabError(f"{not_genlab}: its run config cannot be read ({err}).") from err
+    missing = [part for part in _REBUILT if not isinstance(config.get(part), dict)]
+    if missing:
+        raise GenlabError(f"{not_genlab}: its run config has no {' or '.join(missing)} section.")
+    allowed = (*TRUSTED_TARGETS, *trusted)
+    refused = [
+        f"{key}={value!r}"
+        for part in _REBUILT
+        for key, value in _targets(config[part], part)
+        if not (isinstance(value, str) and value.startswith(allowed))
+    ]
+    if refused:
+        raise GenlabError(
+            f"{source!r} asks to build {', '.join(refused)}, which is not a genlab model or data "
+            f"set or a torch optimiser or schedule; genlab rebuilds only those from a checkpoint "
+            f"(a checkpoint is data, never code). If you trust the file and wrote that class "
+            f"yourself, allow its module with trusted_targets=[<module prefix>]."
+        )
+    return config
+
+
+def load_model(
+    ckpt_path: str | os.PathLike, map_location: str = "cpu", trusted: Sequence[str] = ()
+) -> GenerativeModel:
+    """Rebuild a trained model from a genlab checkpoint (its run config travels inside it;
+    only classes of `TRUSTED_TARGETS` and ``trusted`` are built from it)."""
     checkpoint = read_checkpoint(ckpt_path, "ckpt_path", map_location)
     if CONFIG_KEY not in checkpoint:
         raise GenlabError(
             f"{str(ckpt_path)!r} is not a genlab checkpoint (it holds no run config). Pass a "
             f".ckpt file written by genlab-train, e.g. <run dir>/checkpoints/last.ckpt."
         )
-    model = instantiate(OmegaConf.create(checkpoint[CONFIG_KEY]).model)
-    model.load_state_dict(checkpoint["state_dict"])
-    model.run_config = checkpoint[CONFIG_KEY]
+    config = trusted_run_config(checkpoint[CONFIG_KEY], str(ckpt_path), trusted)
+    model = instantiate(OmegaConf.create(config).model)
+    load_weights(model, checkpoint, str(ckpt_path))
+    model.run_config = config
     return model.eval()
+
+
+def load_weights(model: torch.nn.Module, checkpoint: dict[str, Any], source: str) -> None:
+    """The checkpoint's weights into ``model``, or a `GenlabError` saying why they do not fit
+    (none, the wrong names or shapes, a hash that does not match, NaN)."""
+    weights = checkpoint.get("state_dict")
+    if not isinstance(weights, dict) or not all(
+        isinstance(v, torch.Tensor) for v in weights.values()
+    ):
+        raise GenlabError(f"{source!r} holds no model weights (no state_dict of tensors).")
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:  # missing, unexpected or misshapen tensors
+        first = " ".join(str(err).split())[:400]
+        raise GenlabError(
+            f"{source!r}: its weights do not fit the model its own config describes ({first}). "
+            f"The file was changed after genlab-train wrote it, or comes from elsewhere."
+        ) from err
+    saved_hash = checkpoint.get(WEIGHTS_HASH_KEY)
+    if saved_hash is not None and saved_hash != weights_hash(weights):
+        raise GenlabError(
+            f"{source!r} is damaged: its weights no longer match the hash saved with them (the "
+            f"file changed on disk after it was written). Use another checkpoint of the run, "
+            f"e.g. its best-epoch*.ckpt, or train again."
+        )
+    broken = [
+        name for name, w in weights.items() if w.is_floating_point() and not w.isfinite().all()
+    ]
+    if broken:
+        raise GenlabError(
+            f"{source!r} holds NaN or infinite weights ({', '.join(broken[:3])}); genlab never "
+            f"saves those, so the file was changed after genlab-train wrote it."
+        )
+
+
+# What Lightning needs in a checkpoint to continue training from it.
+_TRAINING_STATE = ("epoch", "global_step", "loops", "optimizer_states")
+
+
+def check_resumable(checkpoint: dict[str, Any], model: torch.nn.Module, source: str) -> None:
+    """Refuse a checkpoint that ``model``'s training cannot continue from, before the run
+    is accepted (Lightning would fail only once it has started)."""
+    missing = [key for key in _TRAINING_STATE if key not in checkpoint]
+    if missing:
+        raise GenlabError(
+            f"{source!r} holds no training state to continue ({', '.join(missing)} missing): it "
+            f"was not written by genlab-train. Resume from a run's checkpoints/last.ckpt."
+        )
+    probe = copy.deepcopy(model)  # the run's own model is loaded by Lightning, at its start
+    load_weights(probe, checkpoint, source)

@@ -9,9 +9,12 @@ work imports what it needs when it starts.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
+import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +25,25 @@ from omegaconf import DictConfig
 
 from genlab import private_api
 from genlab.config import CONF_DIR, hydra_errors
-from genlab.errors import GenlabError, find_user_error, user_errors
+from genlab.errors import (
+    FolderTaken,
+    GenlabError,
+    Interrupted,
+    exit_code,
+    find_user_error,
+    user_errors,
+)
 from genlab.rundir import record_failure
 
 log = logging.getLogger(__name__)
 
-# Exit codes of runs that stopped early (metrics.json says which): 130 is the shell's code for Ctrl-C.
-_EXIT_CODES = {"interrupted": 130, "diverged": 1}
+
+def _exit_code(metrics: dict[str, Any]) -> int:
+    """0 for a completed run; 1 for a diverged one; 130 or 143 (the shells' codes for
+    SIGINT and SIGTERM) for an interrupted one."""
+    if metrics["status"] == "interrupted":
+        return exit_code(metrics["signal"])
+    return 0 if metrics["status"] == "completed" else 1
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
@@ -43,8 +58,8 @@ def _train(cfg: DictConfig) -> float | None:
     if not _in_sweep():
         with user_errors():
             metrics = train(cfg)
-        if metrics["status"] in _EXIT_CODES:
-            raise SystemExit(_EXIT_CODES[metrics["status"]])
+        if _exit_code(metrics):
+            raise SystemExit(_exit_code(metrics))
         return _objective(cfg, metrics)
     with user_errors():
         _refuse_local_ddp_sweep(cfg)
@@ -55,15 +70,23 @@ def _train(cfg: DictConfig) -> float | None:
         metrics = train(cfg)
     except Exception as err:
         user_error = find_user_error(err)
+        if isinstance(user_error, FolderTaken):
+            _taken_jobs.append(cfg.paths.output_dir)
+        record_failure(
+            Path(cfg.paths.output_dir), cfg, user_error or err
+        )  # creates train.log's folder
         if user_error is not None:
             log.error("Job failed: %s", user_error)
         else:
             log.exception("Job failed")
-        record_failure(Path(cfg.paths.output_dir), cfg, user_error or err)
         return _objective(cfg, {})
     if metrics["status"] == "interrupted":  # Ctrl-C stops the whole sweep
-        raise SystemExit(_EXIT_CODES["interrupted"])
+        raise SystemExit(_exit_code(metrics))
     return _objective(cfg, metrics)
+
+
+# Jobs of this sweep refused because their folder holds an earlier run or is in use.
+_taken_jobs: list[str] = []
 
 
 def _in_sweep() -> bool:
@@ -96,12 +119,37 @@ def _objective(cfg: DictConfig, metrics: dict[str, Any]) -> float | None:
 
 def train_command() -> None:
     """``genlab-train``: one training run, or a sweep with ``-m``."""
+    _taken_jobs.clear()
+    with (
+        _stops_reported(),
+        private_api.hydra_task_module("genlab.train"),
+        hydra_errors.reworded(CONF_DIR),
+    ):
+        _train()  # its log: train.log
+    if _taken_jobs:  # never report an earlier sweep's results as this one's
+        print(
+            f"Error: {len(_taken_jobs)} job(s) of this sweep did not run: their folders hold "
+            f"an earlier run's results or are in use ({', '.join(_taken_jobs[:3])}"
+            f"{', ...' if len(_taken_jobs) > 3 else ''}). Sweep into a new folder: leave "
+            f"hydra.sweep.dir at its default or name a new one.",
+            file=sys.stderr,
+        )
+        raise SystemExit(1)
+
+
+@contextlib.contextmanager
+def _stops_reported() -> Iterator[None]:
+    """A stop outside a run's own handling (before it starts, or one that ends it at once):
+    a line on stderr and the shell's exit code, not a traceback."""
     try:
-        with private_api.hydra_task_module("genlab.train"), hydra_errors.reworded(CONF_DIR):
-            _train()  # its log: train.log
-    except KeyboardInterrupt:  # Ctrl-C outside training: nothing to save
-        print("Interrupted.", file=sys.stderr)
+        yield
+    except KeyboardInterrupt:
+        print("Interrupted (Ctrl-C).", file=sys.stderr)
         raise SystemExit(130) from None
+    except Interrupted as stop:
+        name = signal.Signals(stop.signum).name
+        print(f"Interrupted ({name}) during {stop.phase}.", file=sys.stderr)
+        raise SystemExit(exit_code(name)) from None
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="eval", version_base="1.3")
@@ -114,7 +162,11 @@ def _evaluate(cfg: DictConfig) -> None:
 
 def eval_command() -> None:
     """``genlab-eval``: a checkpoint's metrics on the test set."""
-    with private_api.hydra_task_module("genlab.evaluate"), hydra_errors.reworded(CONF_DIR):
+    with (
+        _stops_reported(),
+        private_api.hydra_task_module("genlab.evaluate"),
+        hydra_errors.reworded(CONF_DIR),
+    ):
         _evaluate()  # its log: evaluate.log
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 from collections.abc import Iterator
 
@@ -12,8 +13,30 @@ class GenlabError(Exception):
     """A problem the user can fix (bad input, missing data); its message says how."""
 
 
+class FolderTaken(GenlabError):
+    """A run's folder holds another run's results, or another genlab command works in it."""
+
+
 class TrainingDiverged(GenlabError):
     """A training loss became NaN or infinite; the run stops without saving the broken weights."""
+
+
+class Interrupted(BaseException):
+    """Ctrl-C or SIGTERM that ends a command where it is (see `genlab.interrupts`).
+
+    A BaseException, like KeyboardInterrupt, so that no ``except Exception`` (a sweep
+    recording a failed job, Lightning's error handling) mistakes it for a failure.
+    """
+
+    def __init__(self, signum: int, phase: str):
+        super().__init__(f"{signal.Signals(signum).name} during {phase}")
+        self.signum = signum
+        self.phase = phase
+
+
+def exit_code(signal_name: str) -> int:
+    """The shell's exit code for a process stopped by a signal: 130 for SIGINT, 143 for SIGTERM."""
+    return 128 + signal.Signals[signal_name]
 
 
 def find_user_error(err: BaseException) -> GenlabError | None:

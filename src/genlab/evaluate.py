@@ -27,13 +27,13 @@ from torch import Tensor
 from genlab import fid, metrics, runtime
 from genlab.callbacks import FIT_POINTS
 from genlab.checkpoints import load_model
-from genlab.config.validate import validate
+from genlab.config.validate import resolved, validate
 from genlab.data import BINARIZE_SEED_EVAL, BINARIZE_SEED_TRAIN, binarize_sample
-from genlab.errors import GenlabError
+from genlab.errors import FolderTaken, GenlabError
 from genlab.models import AE, VAE, GenerativeModel
 from genlab.models.likelihood import reconstruction_nll
 from genlab.options import Range, check_values, type_hints
-from genlab.rundir import METRICS_FILE, write_metrics
+from genlab.rundir import CONFIG_DIR, METRICS_FILE, owned, record_run, write_metrics
 
 log = logging.getLogger(__name__)
 
@@ -279,7 +279,8 @@ def format_table(results: dict[str, Any]) -> str:
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    """genlab-eval's work: load ``cfg.ckpt_path``, evaluate it, write metrics.json."""
+    """genlab-eval's work: load ``cfg.ckpt_path``, evaluate it, write metrics.json into the
+    evaluation's own folder (one that holds no other results; see `refuse_used_folder`)."""
     if cfg.ckpt_path is None:
         raise GenlabError(
             "ckpt_path is required: genlab-eval ckpt_path=<run dir>/checkpoints/last.ckpt"
@@ -289,17 +290,34 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             f"ckpt_path={cfg.ckpt_path!r} is not a file. Pass a checkpoint written by "
             f"genlab-train, e.g. ckpt_path=<run dir>/checkpoints/last.ckpt."
         )
-    validate(OmegaConf.to_container(cfg, resolve=True))  # the evaluation options
-    options = instantiate(cfg.eval)
-    model = load_model(cfg.ckpt_path)
-    run_cfg = OmegaConf.create(model.run_config)
-    if cfg.data.data_dir is not None:
-        run_cfg.data.data_dir = cfg.data.data_dir
-    results = {
-        "checkpoint": str(Path(cfg.ckpt_path).resolve()),
-        **evaluate_model(model, run_cfg.data, options, cfg.paths.cache_dir),
-    }
     output_dir = Path(cfg.paths.output_dir)
-    write_metrics(output_dir / METRICS_FILE, results)
+    with owned(output_dir):
+        refuse_used_folder(output_dir)
+        validate(resolved(cfg, ("ckpt_path", "eval", "data", "paths"), "genlab-eval"))
+        options = instantiate(cfg.eval)
+        model = load_model(cfg.ckpt_path, trusted=list(cfg.get("trusted_targets") or []))
+        run_cfg = OmegaConf.create(model.run_config)
+        if cfg.data.data_dir is not None:
+            run_cfg.data.data_dir = cfg.data.data_dir
+        record_run(output_dir, cfg)  # accepted: the folder is the evaluation's from here on
+        results = {
+            "checkpoint": str(Path(cfg.ckpt_path).resolve()),
+            **evaluate_model(model, run_cfg.data, options, cfg.paths.cache_dir),
+        }
+        write_metrics(output_dir / METRICS_FILE, results)
     log.info("%s\nWritten to %s", format_table(results), output_dir / METRICS_FILE)
     return results
+
+
+def refuse_used_folder(output_dir: Path) -> None:
+    """Refuse an evaluation folder that holds results (of a training run, or an earlier
+    evaluation): genlab-eval never overwrites what it did not write."""
+    found = [
+        name for name in (METRICS_FILE, CONFIG_DIR, "checkpoints") if (output_dir / name).exists()
+    ]
+    if found:
+        raise FolderTaken(
+            f"{str(output_dir)!r} already holds the results of another run ({', '.join(found)}); "
+            f"genlab-eval writes only into a folder of its own. Leave hydra.run.dir at its "
+            f"default (a new folder under <paths.log_dir>/eval/) or name a new one."
+        )

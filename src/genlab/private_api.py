@@ -37,6 +37,16 @@ def logged_step(trainer: pl.Trainer) -> int:
     return getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
 
 
+def request_sigterm_stop(trainer: pl.Trainer) -> bool:
+    """Ask Lightning's loops for the stop they make after SIGTERM: the running batch
+    finishes, then `SIGTERMException`. False when this Lightning cannot be asked."""
+    connector = getattr(trainer, "_signal_connector", None)
+    if connector is None or not hasattr(connector, "received_sigterm"):
+        return False
+    connector.received_sigterm = True
+    return True
+
+
 # -- torch ----------------------------------------------------------------------------------------
 
 

@@ -53,10 +53,17 @@ class Job:
     overrides: dict[str, str]
     config: dict[str, Any]
     metrics: dict[str, Any] = field(default_factory=dict)
+    unreadable: str | None = None  # why a file of the job could not be read
 
     @property
     def status(self) -> str:
+        if self.unreadable:
+            return "unreadable"
         return self.metrics.get("status", "unfinished")  # running, or killed before it could say
+
+    @property
+    def error(self) -> str:
+        return self.unreadable or str(self.metrics.get("error", ""))
 
     def option(self, key: str) -> Any:
         """A config value by dotted key (``model.latent_dim``), or None."""
@@ -73,16 +80,34 @@ def find_jobs(sweep_dir: Path) -> list[Job]:
     jobs = []
     for overrides_file in sorted(sweep_dir.glob("**/.hydra/overrides.yaml"), key=_job_order):
         folder = overrides_file.parent.parent
+        problems: list[str] = []
+        items = _read(folder, ".hydra/overrides.yaml", yaml.safe_load, list, problems)
         overrides = {}
-        for item in yaml.safe_load(overrides_file.read_text()) or []:
-            key, _, value = item.partition("=")
+        for item in items:
+            key, _, value = str(item).partition("=")
             overrides[key.lstrip("+~")] = value
-        config_file = folder / ".hydra" / "config.yaml"
-        config = yaml.safe_load(config_file.read_text()) if config_file.is_file() else {}
-        metrics_file = folder / METRICS_FILE
-        metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
-        jobs.append(Job(folder, overrides, config or {}, metrics))
+        config = _read(folder, ".hydra/config.yaml", yaml.safe_load, dict, problems)
+        metrics = _read(folder, METRICS_FILE, json.loads, dict, problems)
+        jobs.append(Job(folder, overrides, config, metrics, "; ".join(problems) or None))
     return jobs
+
+
+def _read(folder: Path, name: str, parse: Any, kind: type, problems: list[str]) -> Any:
+    """The job file ``folder/name`` parsed, or an empty ``kind`` when it is missing; when it
+    cannot be read (damaged, or not what genlab writes), an empty ``kind`` and a line in
+    ``problems``."""
+    path = folder / name
+    if not path.is_file():
+        return kind()
+    try:
+        value = parse(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as err:
+        problems.append(f"{name} cannot be read ({' '.join(str(err).split())[:120]})")
+        return kind()
+    if value is not None and not isinstance(value, kind):
+        problems.append(f"{name} holds a {type(value).__name__}, not a {kind.__name__}")
+        return kind()
+    return value or kind()
 
 
 def _job_order(overrides_file: Path) -> tuple[int, str]:
@@ -135,7 +160,7 @@ def summary_rows(jobs: list[Job], sweep_dir: Path) -> tuple[list[str], list[dict
             "wall_time_s": job.metrics.get("wall_time_s", ""),
             **{name: job.metrics.get(name, "") for name in metric_names},
             "best": job is best,
-            "error": job.metrics.get("error", ""),
+            "error": job.error,
         }
         rows.append(row)
     return columns, rows

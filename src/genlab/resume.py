@@ -20,7 +20,7 @@ from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 
 from genlab import private_api
 from genlab.checkpoints import read_checkpoint
-from genlab.errors import GenlabError
+from genlab.errors import FolderTaken, GenlabError
 from genlab.models.base import CONFIG_KEY
 from genlab.rundir import LAST_CHECKPOINT, METRICS_FILE
 
@@ -42,8 +42,9 @@ _FREE_ON_RESUME = (
 
 def resume_checkpoint(
     resume: str | None, checkpoint_dir: Path, run_config: dict[str, Any], output_dir: Path
-) -> str | None:
-    """The checkpoint that ``resume`` (null | last | a path) asks to continue from.
+) -> tuple[str, dict[str, Any]] | None:
+    """The checkpoint that ``resume`` (null | last | a path) asks to continue from: its
+    path and contents (read as data), or None for a fresh run.
 
     A fresh run (``resume=null``) refuses a directory that already holds checkpoints
     or the metrics.json of an earlier run, so earlier work is never overwritten by
@@ -54,7 +55,7 @@ def resume_checkpoint(
         if (output_dir / METRICS_FILE).exists():
             earlier.append(METRICS_FILE)
         if earlier:
-            raise GenlabError(
+            raise FolderTaken(
                 f"{str(output_dir)!r} already holds the results of an earlier run "
                 f"({', '.join(earlier)}). Continue that run with resume=last, or start a new one "
                 f"in another directory (leave hydra.run.dir at its default or choose a new one)."
@@ -74,7 +75,13 @@ def resume_checkpoint(
                 f"resume={resume!r} is not a checkpoint file. Use resume=null (a fresh run), "
                 f"resume=last (this run directory's {LAST_CHECKPOINT}) or a path to a .ckpt file."
             )
-    saved = read_checkpoint(path, f"resume={resume}").get(CONFIG_KEY)
+    checkpoint = read_checkpoint(path, f"resume={resume}")
+    saved = checkpoint.get(CONFIG_KEY)
+    if saved is not None and not isinstance(saved, dict):
+        raise GenlabError(
+            f"resume={resume}: {str(path)!r} is not a checkpoint genlab-train wrote (its run "
+            f"config is a {type(saved).__name__}, not a mapping)."
+        )
     changes = _config_changes(saved, run_config) if saved is not None else []
     if changes:
         raise GenlabError(
@@ -82,7 +89,7 @@ def resume_checkpoint(
             f"{'; '.join(changes)}. Repeat the run's own overrides (its .hydra/overrides.yaml) "
             f"when resuming; only paths, trainer, callbacks and logger settings may change."
         )
-    return str(path)
+    return str(path), checkpoint
 
 
 def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:

@@ -10,15 +10,19 @@ Layout of a run directory::
     checkpoints/       last.ckpt and best-epochNNN.ckpt (the best by val/loss)
     images/            the pictures, per epoch and final
     metrics.json       status; test metrics (and validation numbers of the tested weights) after fit
+    .genlab.lock       while a genlab command works in the directory (see `owned`)
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
+import os
 import platform
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +30,13 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from genlab.atomic import write_atomically
-from genlab.errors import GenlabError
+from genlab.errors import FolderTaken, GenlabError
 
 LAST_CHECKPOINT = "last.ckpt"
 METRICS_FILE = "metrics.json"
 CONFIG_DIR = ".hydra"
 ENVIRONMENT_FILE = "environment.json"
+LOCK_FILE = ".genlab.lock"
 # Distributions whose versions decide a run's numbers, recorded in environment.json.
 _PACKAGES = (
     "genlab",
@@ -52,6 +57,56 @@ def _json(data: dict[str, Any]) -> str:
 def write_metrics(path: Path, metrics: dict[str, Any]) -> None:
     """Write ``metrics`` (metrics.json) as JSON, whole or not at all."""
     write_atomically(path, _json(metrics))
+
+
+@contextlib.contextmanager
+def owned(output_dir: Path, enabled: bool = True) -> Iterator[None]:
+    """Hold ``output_dir`` for this process while the block runs: another genlab command
+    into the same folder meanwhile is refused with a `GenlabError`.
+
+    The hold is an operating-system lock (``flock``) on ``.genlab.lock``, so a
+    process that dies, even by ``kill -9``, releases it. A folder that was empty
+    before and is empty after (a refused run) is removed again. ``enabled=False``
+    (the other processes of a DDP run) holds nothing.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; the folder is not guarded
+        fcntl = None  # type: ignore[assignment]
+    if not enabled or fcntl is None:
+        yield
+        return
+    was_empty = not output_dir.exists() or not any(output_dir.iterdir())
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / LOCK_FILE
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 4096).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise FolderTaken(
+                f"{str(output_dir)!r} is in use by another genlab command (process {holder}). "
+                f"Two runs in one directory would overwrite each other's checkpoints and "
+                f"results: wait for it to end, or choose another hydra.run.dir."
+            ) from None
+        try:  # the previous holder removes the file when it ends: lock the file that is there
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}: {' '.join(sys.argv)}".encode())
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # while still locked, so nobody else holds this file
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            if was_empty and not any(output_dir.iterdir()):
+                output_dir.rmdir()
 
 
 def record_run(output_dir: Path, cfg: DictConfig) -> None:
@@ -118,11 +173,16 @@ def _git_state() -> dict[str, Any]:
 
 def record_failure(output_dir: Path, cfg: DictConfig, err: BaseException) -> None:
     """Say in the run's metrics.json that it failed and why, unless the run wrote one
-    itself; with its config, when it failed before recording it (see `record_run`)."""
+    itself; with its config, when it failed before recording it (see `record_run`). Nothing
+    is written into a folder another genlab command is working in."""
     path = output_dir / METRICS_FILE
-    if path.exists():
+    try:
+        with owned(output_dir):
+            if path.exists():
+                return
+            if not (output_dir / CONFIG_DIR).exists():
+                record_run(output_dir, cfg)
+            message = str(err) if isinstance(err, GenlabError) else f"{type(err).__name__}: {err}"
+            write_metrics(path, {"status": "failed", "error": " ".join(message.split())})
+    except GenlabError:  # the folder is in use: its owner reports for it
         return
-    if not (output_dir / CONFIG_DIR).exists():
-        record_run(output_dir, cfg)
-    message = str(err) if isinstance(err, GenlabError) else f"{type(err).__name__}: {err}"
-    write_metrics(path, {"status": "failed", "error": " ".join(message.split())})

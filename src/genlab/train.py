@@ -17,18 +17,20 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning_fabric.utilities.exceptions import MisconfigurationException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from pytorch_lightning.callbacks import ProgressBar
 from pytorch_lightning.utilities.exceptions import SIGTERMException
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from genlab import runtime
-from genlab.checkpoints import AtomicCheckpointIO
-from genlab.config.validate import check_training_setup, validate
-from genlab.errors import GenlabError, TrainingDiverged
+from genlab.checkpoints import AtomicCheckpointIO, check_resumable
+from genlab.config.validate import check_training_setup, resolved, validate
+from genlab.disk import disk_errors
+from genlab.errors import GenlabError, Interrupted, TrainingDiverged
 from genlab.evaluate import evaluate_model
-from genlab.interrupts import StopOnInterrupt
+from genlab.interrupts import StopSignals
 from genlab.resume import OneLogHistory, SeedEachEpoch, resume_checkpoint
-from genlab.rundir import LAST_CHECKPOINT, METRICS_FILE, record_run, write_metrics
+from genlab.rundir import LAST_CHECKPOINT, METRICS_FILE, owned, record_run, write_metrics
 
 log = logging.getLogger(__name__)
 
@@ -38,25 +40,53 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     Its ``status`` is ``completed``, ``diverged`` (a training loss became NaN
     or infinite: training stopped, the last checkpoint holds the last good
-    weights) or ``interrupted`` (Ctrl-C or SIGTERM: a checkpoint was saved
-    and ``resume=last`` continues). Anything that stops the run before
-    training (a bad config, missing or corrupt data, a refused run directory)
-    raises `GenlabError` and leaves the run directory as it was.
+    weights) or ``interrupted`` (Ctrl-C or SIGTERM, in the ``phase`` it names:
+    ``resume=last`` continues; see `genlab.interrupts`). Anything that stops the
+    run before it is accepted (a bad config, missing or corrupt data, a run
+    directory in use or holding another run) raises `GenlabError` and leaves
+    the run directory as it was; so does a stop (`Interrupted`) then.
     """
     start = time.perf_counter()
     _quiet_third_party_noise()
-    log.info("torch CPU threads: %d", torch.get_num_threads())
-    run_config = OmegaConf.to_container(cfg, resolve=True)
+    output_dir = Path(cfg.paths.output_dir)
+    stopper = StopSignals(cfg.paths.checkpoint_dir)
+
+    def record(message: str) -> None:  # only once the run is accepted: it then owns the directory
+        if stopper.phase != "set-up" and rank_zero_only.rank == 0:
+            write_metrics(output_dir / METRICS_FILE, {"status": "failed", "error": message})
+
+    with (
+        stopper.installed(),
+        disk_errors(output_dir, record),
+        owned(output_dir, enabled=rank_zero_only.rank == 0),
+    ):
+        return _run(cfg, stopper, start)
+
+
+def _run(cfg: DictConfig, stopper: StopSignals, start: float) -> dict[str, Any]:
+    run_config = resolved(
+        cfg, ("model", "data", "trainer", "paths", "eval", "seed"), "genlab-train"
+    )
     validate(run_config)
     output_dir = Path(cfg.paths.output_dir)
     checkpoint_dir = Path(cfg.paths.checkpoint_dir)
-    ckpt_path = resume_checkpoint(cfg.resume, checkpoint_dir, run_config, output_dir)
-    pl.seed_everything(cfg.seed, workers=True)
+    if checkpoint_dir.exists() and not checkpoint_dir.is_dir():
+        raise GenlabError(
+            f"paths.checkpoint_dir={str(checkpoint_dir)!r} is not a folder (a file of that name "
+            f"exists); point it at a folder, or leave it at its default <run dir>/checkpoints."
+        )
+    resumed = resume_checkpoint(cfg.resume, checkpoint_dir, run_config, output_dir)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
     model.run_config = run_config
     check_training_setup(run_config, model)
+    ckpt_path = None
+    if resumed is not None:
+        ckpt_path, checkpoint = resumed
+        check_resumable(checkpoint, model, ckpt_path)
+        del checkpoint
     eval_options = instantiate(cfg.eval)
     datamodule.prepare_data()  # missing or corrupt files stop the run here, before it writes
 
@@ -65,18 +95,22 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if not cfg.trainer.get("enable_progress_bar", True):
         # Lightning refuses a progress-bar callback beside enable_progress_bar=false; the switch wins.
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
-    stopper = StopOnInterrupt(checkpoint_dir)
     callbacks += [SeedEachEpoch(cfg.seed), stopper, OneLogHistory()]
     trainer = _build_trainer(cfg, logger=logger, callbacks=callbacks)
     runtime.cache_cuda_check(trainer)
-    if trainer.is_global_zero:  # the run is accepted: from here on it writes its directory
+    stopper.trainer = trainer
+
+    # The run is accepted: from here on it writes its directory, and a stop is recorded.
+    stopper.phase = "training"
+    if trainer.is_global_zero:
         record_run(output_dir, cfg)
+    log.info("Seed %d; torch CPU threads: %d", cfg.seed, torch.get_num_threads())
     if logger:
         logger.log_hyperparams(run_config)
-
     try:
-        with stopper.handling_ctrl_c():
-            trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        return _fit_and_test(
+            cfg, trainer, model, datamodule, eval_options, ckpt_path, stopper, start
+        )
     except TrainingDiverged as err:
         last = checkpoint_dir / LAST_CHECKPOINT
         kept = (
@@ -89,14 +123,29 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             f"lower model.optimizer.lr, or clip gradients with trainer.gradient_clip_val (AE, VAE)."
         )
         log.error("%s", message)
-        return _stopped(trainer, output_dir, checkpoint_dir, start, "diverged", message)
-    except SIGTERMException:  # Ctrl-C or SIGTERM; StopOnInterrupt saved a checkpoint
-        pass
-    if stopper.requested:
-        message = "Training was stopped (Ctrl-C or SIGTERM); continue it with resume=last."
-        log.warning(message)
-        return _stopped(trainer, output_dir, checkpoint_dir, start, "interrupted", message)
+        return _stopped(trainer, cfg, start, {"status": "diverged", "message": message})
+    except (Interrupted, SIGTERMException) as stop:
+        return _interrupted(trainer, cfg, stopper, start, at_once=isinstance(stop, Interrupted))
 
+
+def _fit_and_test(
+    cfg: DictConfig,
+    trainer: pl.Trainer,
+    model: pl.LightningModule,
+    datamodule: pl.LightningDataModule,
+    eval_options: Any,
+    ckpt_path: str | None,
+    stopper: StopSignals,
+    start: float,
+) -> dict[str, Any]:
+    output_dir = Path(cfg.paths.output_dir)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    if (
+        stopper.signum is not None
+    ):  # it came after the loop's last look; last.ckpt was saved at its end
+        raise SIGTERMException
+
+    stopper.phase = "test"
     tested, val_metrics = _tested_weights(trainer)
     (test_metrics,) = trainer.test(model, datamodule=datamodule, ckpt_path=tested)
 
@@ -107,10 +156,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "epochs": trainer.current_epoch,
         "global_step": trainer.global_step,
         "tested_checkpoint": os.path.relpath(tested, output_dir) if tested else "final weights",
-        "wall_time_s": round(time.perf_counter() - start, 2),
     }
+    stopper.phase = "evaluation"
     if eval_options.after_fit and trainer.is_global_zero:  # on the weights trainer.test left
         metrics.update(evaluate_model(model, cfg.data, eval_options, cfg.paths.cache_dir))
+    stopper.phase = "writing results"
+    metrics["wall_time_s"] = round(time.perf_counter() - start, 2)
     if trainer.is_global_zero:
         write_metrics(output_dir / METRICS_FILE, metrics)
         log.info("Run directory: %s", output_dir.resolve())
@@ -149,19 +200,46 @@ def _tested_weights(trainer: pl.Trainer) -> tuple[str | None, dict[str, float]]:
     return None, final_val
 
 
+def _interrupted(
+    trainer: pl.Trainer, cfg: DictConfig, stopper: StopSignals, start: float, at_once: bool
+) -> dict[str, Any]:
+    """metrics.json of a run stopped by Ctrl-C or SIGTERM, saying in which phase, and how
+    to continue."""
+    phase = stopper.stopped_in or stopper.phase
+    name = stopper.signal_name or "SIGTERM"
+    last = Path(cfg.paths.checkpoint_dir) / LAST_CHECKPOINT
+    if phase in ("training", "validation") and not at_once:
+        advice = f"{last} holds the training state at the stop; continue with resume=last."
+    elif phase in ("training", "validation"):
+        advice = (
+            f"It stopped at once, saving nothing; resume=last continues from {last}, saved "
+            f"before the stop."
+            if last.is_file()
+            else "No checkpoint had been saved: start the run again in a new directory."
+        )
+    else:
+        advice = (
+            f"Training had finished and {last} holds its final state: resume=last runs the "
+            f"{phase} again without training."
+        )
+    message = f"The run was stopped ({name}) during {phase}. {advice}"
+    log.warning(message)
+    return _stopped(
+        trainer,
+        cfg,
+        start,
+        {"status": "interrupted", "phase": phase, "signal": name, "message": message},
+    )
+
+
 def _stopped(
-    trainer: pl.Trainer,
-    output_dir: Path,
-    checkpoint_dir: Path,
-    start: float,
-    status: str,
-    message: str,
+    trainer: pl.Trainer, cfg: DictConfig, start: float, outcome: dict[str, Any]
 ) -> dict[str, Any]:
     """metrics.json of a run that stopped before the end: where it got, and what to resume."""
-    last = checkpoint_dir / LAST_CHECKPOINT
+    output_dir = Path(cfg.paths.output_dir)
+    last = Path(cfg.paths.checkpoint_dir) / LAST_CHECKPOINT
     metrics = {
-        "status": status,
-        "message": message,
+        **outcome,
         "epochs": trainer.current_epoch,
         "global_step": trainer.global_step,
         "last_checkpoint": os.path.relpath(last, output_dir) if last.is_file() else None,

@@ -66,6 +66,8 @@ def user_error_from_hydra(
             f"{unknown(path, key, known, path or 'the top-level config')}. Keys that are not in "
             f"the config can only be added with +key=value, for objects that accept them."
         )
+    if isinstance(err, OverrideParseException) and err.override not in str(err):
+        return GenlabError(f"{err.override}: {_one_paragraph(str(err))}")
     if isinstance(err, (ConfigCompositionException, OverrideParseException, SearchPathException)):
         return GenlabError(_one_paragraph(str(err)))
     return None

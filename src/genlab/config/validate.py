@@ -14,6 +14,7 @@ import inspect
 from collections.abc import Mapping
 from typing import Annotated, Any
 
+from genlab.errors import GenlabError
 from genlab.options import Explained, Range, problem, raise_if_any, type_hints, unknown
 
 # Options that are not arguments of a genlab class: the top level of conf/train.yaml, and
@@ -91,6 +92,31 @@ def _lookup(config: Mapping[str, Any], dotted: str) -> tuple[bool, Any]:
     return True, node
 
 
+def resolved(cfg: Any, needs: tuple[str, ...], command: str) -> dict[str, Any]:
+    """The composed config ``cfg`` as plain dicts, with its interpolations resolved, once it
+    holds every top-level section in ``needs``; else a `GenlabError` (a section deleted
+    with ``~key``, an interpolation pointing at nothing)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    missing = [key for key in needs if key not in cfg]
+    if missing:
+        raise GenlabError(
+            f"The config has no {', '.join(missing)} (an override such as ~{missing[0]} removed "
+            f"it?); {command} needs {', '.join(needs)}. Choose another instead of removing one, "
+            f"e.g. model=ae, or leave it at its default."
+        )
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as err:
+        reason = str(err).splitlines()[0]
+        where = f" (at {err.full_key})" if getattr(err, "full_key", None) else ""
+        raise GenlabError(
+            f"The config cannot be resolved: {reason}{where}. Did an override remove (~key) or "
+            f"misspell something it refers to? genlab-train --cfg job shows the composed config."
+        ) from err
+
+
 def validate(config: Mapping[str, Any]) -> None:
     """Refuse a resolved run config (plain dicts) that genlab cannot run, with one
     `GenlabError` that lists every problem found."""
@@ -104,7 +130,7 @@ def validate(config: Mapping[str, Any]) -> None:
 
 
 def check_training_setup(config: Mapping[str, Any], model: Any) -> None:
-    """Refuse combinations Lightning would only reject once training has started.
+    """Refuse combinations Lightning or torch would only reject once training has started.
 
     ``model`` is the built LightningModule: whether it optimises manually (the
     GAN) and which metrics it logs (``metric_names``) decide what the trainer
@@ -136,4 +162,12 @@ def check_training_setup(config: Mapping[str, Any], model: Any) -> None:
                 f"(it logs {', '.join(logged)}); monitor one of those, or for a model without "
                 f"a validation loss (model=gan) use callbacks=last_checkpoint_only"
             )
+    try:  # a dry run: torch checks optimiser and scheduler arguments only when building them
+        model.configure_optimizers()
+    except (ValueError, TypeError) as err:
+        problems["model.optimizer"] = (
+            f"torch refused the optimiser or learning-rate schedule built from model.optimizer "
+            f"and model.scheduler: {err}. Correct that value (torch.optim's documentation gives "
+            f"each option's range)"
+        )
     raise_if_any(problems)
