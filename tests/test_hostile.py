@@ -88,6 +88,7 @@ BAD_TRAINING_OPTIONS = {
     "+model.optimizer.betas=[2.0,0.5]": "Invalid beta parameter",
     "model.scheduler={_target_:torch.optim.lr_scheduler.StepLR,_partial_:true}": "step_size",
     "paths.checkpoint_dir={tmp}/a_file": "is not a folder",
+    "hydra.run.dir={tmp}/a_file": "The run folder '{tmp}/a_file' cannot be created: a file",
     "model.latent_dim=[": "model.latent_dim=[",
     "~seed": "The config has no seed (an override such as ~seed removed it?)",
     "~eval": "The config has no eval",
@@ -123,11 +124,8 @@ def hostile(data_dir, tmp_path_factory) -> tuple[Path, dict]:
     for label, path in variants.items():
         train_cases["resume", label] = [*RUN, f"resume={path}", f"hydra.run.dir={folder / 'r'}"]
     for option in BAD_TRAINING_OPTIONS:
-        train_cases["train", option] = [
-            *RUN,
-            option.replace("{tmp}", str(folder)),
-            f"hydra.run.dir={folder / 't'}",
-        ]
+        own_dir = [] if option.startswith("hydra.run.dir") else [f"hydra.run.dir={folder / 't'}"]
+        train_cases["train", option] = [*RUN, option.replace("{tmp}", str(folder)), *own_dir]
     # Another run, and a resume that is refused, pointed at the finished run's folder.
     train_cases["into the run", "fresh"] = [*RUN, "model.beta=2", f"hydra.run.dir={run_dir}"]
     train_cases["into the run", "resume"] = [

@@ -219,8 +219,8 @@ def _interrupted(
         )
     else:
         advice = (
-            f"Training had finished and {last} holds its final state: resume=last runs the "
-            f"{phase} again without training."
+            f"Training had finished and {last} holds its final state: resume=last repeats the "
+            f"test pass (and the evaluation) without training."
         )
     message = f"The run was stopped ({name}) during {phase}. {advice}"
     log.warning(message)

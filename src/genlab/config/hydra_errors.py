@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
 from genlab import private_api
+from genlab.disk import disk_errors
 from genlab.errors import GenlabError, user_errors
 from genlab.options import did_you_mean, unknown
 
@@ -46,6 +47,12 @@ def user_error_from_hydra(
     err: BaseException, overrides: list[str], conf_dir: Path
 ) -> GenlabError | None:
     """The one-paragraph `GenlabError` for a Hydra composition or override error, else None."""
+    if isinstance(err, (FileExistsError, NotADirectoryError)) and err.filename:
+        return GenlabError(
+            f"The run folder {str(err.filename)!r} cannot be created: a file is in its way "
+            f"({err.strerror}). Choose another hydra.run.dir (hydra.sweep.dir for a sweep) or "
+            f"paths.log_dir."
+        )
     if isinstance(err, ValueError):  # Hydra raises a bare ValueError for group=null
         return _group_set_to_null(overrides, conf_dir)
     if isinstance(err, MissingConfigException) and err.options and err.missing_cfg_file:
@@ -79,10 +86,10 @@ def reworded(conf_dir: Path) -> Iterator[None]:
     one-paragraph errors (``HYDRA_FULL_ERROR=1`` still shows the traceback, see `user_errors`)."""
 
     def rewrite(work: Callable[[], Any]) -> Any:
-        with user_errors():
+        with user_errors(), disk_errors(Path.cwd()):  # Hydra creates the run folder itself
             try:
                 return work()
-            except (HydraException, ValueError) as err:
+            except (HydraException, ValueError, FileExistsError, NotADirectoryError) as err:
                 user_error = user_error_from_hydra(err, sys.argv[1:], conf_dir)
                 if user_error is None:
                     raise
