@@ -165,13 +165,13 @@ def test_a_sweep_goes_on_past_a_failing_job_and_reports_itself(sweeps):
     assert (sweep / report.RATE_DISTORTION).is_file() and (sweep / report.LATENTS_GRID).is_file()
 
 
-def test_a_sweep_into_a_used_folder_does_not_pass_off_its_results(sweeps):
+def test_rerunning_a_sweep_reuses_finished_jobs_and_retries_failed_ones(sweeps):
     _, results = sweeps
     again = results["failing again"]
-    assert again["code"] == 1
-    # Job 0 finished before; job 1 fails its config check again, as it did then.
-    assert "Error: 1 job(s) of this sweep did not run" in again["stderr"]
+    assert again["code"] == 0, again["stderr"][-3000:]
+    assert "Job 0 finished earlier (completed): reused, nothing ran." in again["stdout"]
     assert json.loads(again["read"])["status"] == "completed"  # job 0's results, untouched
+    assert "Job failed: Invalid configuration: model.net.activation='bogus'" in again["stdout"]
 
 
 @pytest.mark.parametrize("launcher", LAUNCHERS)

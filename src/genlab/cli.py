@@ -63,15 +63,29 @@ def _train(cfg: DictConfig) -> float | None:
         return _objective(cfg, metrics)
     with user_errors():
         _refuse_local_ddp_sweep(cfg)
-    # One failing job must not end a sweep (Hydra stops at the first job that
-    # raises): record the failure in the job's metrics.json and move on. A
-    # diverged job has said so in its metrics.json; the others go on too.
+    # A rerun of a sweep into its folder continues it (genlab.continuation). One failing
+    # job must not end a sweep (Hydra stops at the first job that raises): record the
+    # failure in the job's metrics.json and move on. A diverged job has said so in its
+    # metrics.json; the others go on too.
+    from genlab.continuation import plan_job, record_attempt
+
+    sweep_dir, job = Path(HydraConfig.get().sweep.dir), Path(cfg.paths.output_dir).name
     try:
+        action = plan_job(cfg) if cfg.resume is None else None
+        record_attempt(sweep_dir, job, action.action if action else "run")
+        if action and action.action == "reuse":
+            # Printed, not logged: the job's train.log stays as its run left it.
+            print(f"Job {job} finished earlier ({action.metrics['status']}): reused, nothing ran.")
+            return _objective(cfg, action.metrics)
+        if action and action.action == "resume":
+            log.info("Job %s stopped earlier: continuing it from its last.ckpt.", job)
+            cfg.resume = "last"
         metrics = train(cfg)
     except Exception as err:
         user_error = find_user_error(err)
         if isinstance(user_error, FolderTaken):
             _taken_jobs.append(cfg.paths.output_dir)
+            record_attempt(sweep_dir, job, "refused")
         record_failure(
             Path(cfg.paths.output_dir), cfg, user_error or err
         )  # creates train.log's folder
@@ -85,7 +99,7 @@ def _train(cfg: DictConfig) -> float | None:
     return _objective(cfg, metrics)
 
 
-# Jobs of this sweep refused because their folder holds an earlier run or is in use.
+# Jobs of this sweep refused because their folder holds another job or is in use.
 _taken_jobs: list[str] = []
 
 
@@ -129,9 +143,9 @@ def train_command() -> None:
     if _taken_jobs:  # never report an earlier sweep's results as this one's
         print(
             f"Error: {len(_taken_jobs)} job(s) of this sweep did not run: their folders hold "
-            f"an earlier run's results or are in use ({', '.join(_taken_jobs[:3])}"
-            f"{', ...' if len(_taken_jobs) > 3 else ''}). Sweep into a new folder: leave "
-            f"hydra.sweep.dir at its default or name a new one.",
+            f"finished jobs with other settings, or are in use ({', '.join(_taken_jobs[:3])}"
+            f"{', ...' if len(_taken_jobs) > 3 else ''}); train.log of each says why. Sweep "
+            f"into a new folder: leave hydra.sweep.dir at its default or name a new one.",
             file=sys.stderr,
         )
         raise SystemExit(1)

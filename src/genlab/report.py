@@ -21,6 +21,7 @@ import csv
 import json
 import logging
 import math
+import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from genlab.continuation import last_attempts
 from genlab.errors import GenlabError
 from genlab.rundir import METRICS_FILE
 
@@ -54,6 +56,7 @@ class Job:
     config: dict[str, Any]
     metrics: dict[str, Any] = field(default_factory=dict)
     unreadable: str | None = None  # why a file of the job could not be read
+    attempt: str = ""  # what the latest command did with it: run, resume, reuse, refused
 
     @property
     def status(self) -> str:
@@ -78,6 +81,7 @@ class Job:
 def find_jobs(sweep_dir: Path) -> list[Job]:
     """Every job folder under ``sweep_dir``, in order of their job numbers (folder names)."""
     jobs = []
+    attempts = last_attempts(sweep_dir)
     for overrides_file in sorted(sweep_dir.glob("**/.hydra/overrides.yaml"), key=_job_order):
         folder = overrides_file.parent.parent
         problems: list[str] = []
@@ -88,7 +92,10 @@ def find_jobs(sweep_dir: Path) -> list[Job]:
             overrides[key.lstrip("+~")] = value
         config = _read(folder, ".hydra/config.yaml", yaml.safe_load, dict, problems)
         metrics = _read(folder, METRICS_FILE, json.loads, dict, problems)
-        jobs.append(Job(folder, overrides, config, metrics, "; ".join(problems) or None))
+        unreadable = "; ".join(problems) or None
+        jobs.append(
+            Job(folder, overrides, config, metrics, unreadable, attempts.get(folder.name, ""))
+        )
     return jobs
 
 
@@ -149,13 +156,15 @@ def summary_rows(jobs: list[Job], sweep_dir: Path) -> tuple[list[str], list[dict
     metric_names = sorted(
         {name for job in jobs for name in job.metrics if name.startswith(("val/", "test/"))}
     )
-    columns = ["job", *keys, "status", "epochs", "wall_time_s", *metric_names, "best", "error"]
+    columns = ["job", *keys, "status", "attempt", "epochs", "wall_time_s", *metric_names]
+    columns += ["best", "error"]
     rows = []
     for job in jobs:
         row: dict[str, Any] = {
             "job": str(job.folder.relative_to(sweep_dir)),
             **{key: job.overrides.get(key, "") for key in keys},
             "status": job.status,
+            "attempt": job.attempt,
             "epochs": job.metrics.get("epochs", ""),
             "wall_time_s": job.metrics.get("wall_time_s", ""),
             **{name: job.metrics.get(name, "") for name in metric_names},
@@ -181,6 +190,7 @@ def write_tables(jobs: list[Job], sweep_dir: Path) -> None:
         f"{len(jobs)} jobs: "
         + ", ".join(f"{sum(r['status'] == s for r in rows)} {s}" for s in _statuses(rows))
         + ".",
+        _attempts_line(rows),
         f"Best (lowest {metric}, marked **best**) among finished jobs."
         if metric
         else "No finished job reports a test metric yet.",
@@ -198,6 +208,17 @@ def write_tables(jobs: list[Job], sweep_dir: Path) -> None:
         lines += ["", "Errors:", ""]
         lines += [f"- `{r['job']}`: {r['error']}" for r in failed]
     (sweep_dir / SUMMARY_MD).write_text("\n".join(lines) + "\n")
+
+
+def _attempts_line(rows: list[dict[str, Any]]) -> str:
+    """What the latest command did with the jobs (the ``attempt`` column)."""
+    meaning = {"run": "run", "resume": "resumed", "reuse": "reused (finished before)"}
+    counts = [
+        f"{sum(r['attempt'] == a for r in rows)} {meaning.get(a, a)}"
+        for a in ("run", "resume", "reuse", "refused")
+        if any(r["attempt"] == a for r in rows)
+    ]
+    return f"Last command: {', '.join(counts)}." if counts else ""
 
 
 def _statuses(rows: list[dict[str, Any]]) -> list[str]:
@@ -362,7 +383,20 @@ def write_report(sweep_dir: Path) -> list[Path]:
 
 
 class SweepReport(Callback):
-    """Hydra callback: writes the report when a multirun ends and says where it is."""
+    """Hydra callback: says at the start how to continue the sweep after a stop; writes
+    the report when the multirun ends and says where it is."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        given = [a for a in sys.argv[1:] if not a.startswith("hydra.sweep.dir=")]
+        again = " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).name, *given])
+        log.info(
+            "Sweep folder: %s. If the sweep stops, this continues it (finished jobs are "
+            "reused, stopped ones resumed): %s hydra.sweep.dir=%s",
+            sweep_dir,
+            again,
+            shlex.quote(str(sweep_dir.resolve())),
+        )
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)

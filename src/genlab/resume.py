@@ -92,19 +92,19 @@ def resume_checkpoint(
     return str(path), checkpoint
 
 
-def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     """Nested dicts as one dict with dotted keys (``model.net.activation``)."""
     if not isinstance(node, dict):
         return {prefix: node}
     flat: dict[str, Any] = {}
     for key, value in node.items():
-        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else key))
+        flat.update(flatten(value, f"{prefix}.{key}" if prefix else key))
     return flat
 
 
 def _config_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """``key was old, now new`` for every option that differs, except those free on resume."""
-    before, after = _flatten(saved), _flatten(now)
+    before, after = flatten(saved), flatten(now)
     return [
         f"{key} was {before.get(key, '<unset>')!r}, now {after.get(key, '<unset>')!r}"
         for key in sorted(before.keys() | after.keys())
