@@ -259,3 +259,28 @@ def test_the_loader_resumes_mid_epoch_where_it_stopped(data_dir):
     resumed.load_state_dict({"epoch": 4, "batches": 4})
     resumed.sampler.set_epoch(5)
     assert len(list(resumed)) == 4
+
+
+def test_the_jobs_of_a_process_decode_each_file_once(data_dir, monkeypatch):
+    from genlab.data import datamodule
+
+    monkeypatch.setattr(datamodule, "_DECODED", {})
+    reads = []
+    original = datamodule.DATASETS["mnist"]
+
+    class Counting(original):  # keeps torchvision's folder name, MNIST
+        def __init__(self, *args, **kwargs):
+            reads.append(kwargs.get("train"))
+            super().__init__(*args, **kwargs)
+
+    Counting.__name__ = original.__name__
+    monkeypatch.setitem(datamodule.DATASETS, "mnist", Counting)
+    first = ImageDataModule("mnist", data_dir, download=False)
+    for stage in ("fit", "test"):
+        first.prepare_data()  # Lightning calls it before each stage
+        first.setup(stage)
+    second = ImageDataModule("mnist", data_dir, download=False, split_seed=1)
+    second.prepare_data()
+    second.setup("fit")
+    assert sorted(reads) == [False, True]
+    assert not torch.equal(first.splits["val"][0], second.splits["val"][0])

@@ -42,6 +42,10 @@ BINARIZE_SEED_TRAIN = 20140101
 BINARIZE_SEED_EVAL = 20140102
 IMAGE_SIZE = (28, 28)
 NUM_CLASSES = 10
+# Decoded splits by file identity (path, size, modification time) and data.verify, kept for
+# the life of the process; at most both splits of both data sets (about 110 MB).
+_DECODED: dict[tuple, tuple[Tensor, Tensor]] = {}
+_DECODED_KEPT = 4
 
 
 def _to_float(images: Tensor) -> Tensor:
@@ -102,7 +106,6 @@ class ImageDataModule(pl.LightningDataModule):
         self.splits: dict[str, tuple[Tensor, Tensor]] = {}
         # This process's share of every epoch when training on several (see BatchLoader).
         self._shard = {"rank": 0, "world_size": 1}
-        self._decoded: dict[bool, tuple[Tensor, Tensor]] = {}
 
     @property
     def class_names(self) -> list[str]:
@@ -134,12 +137,18 @@ class ImageDataModule(pl.LightningDataModule):
         return raw / f"{prefix}-images-idx3-ubyte", raw / f"{prefix}-labels-idx1-ubyte"
 
     def _decode(self, train: bool) -> tuple[Tensor, Tensor]:
-        """Images as uint8 (N, 28, 28) and labels as int64, read once per split."""
-        if train not in self._decoded:
-            # torchvision wants all four files of a data set before it reads any.
-            if not all(path.is_file() for split in (True, False) for path in self._files(split)):
-                self._download()
-            images, labels_file = self._files(train)
+        """Images as uint8 (N, 28, 28) and labels as int64, checked and decoded once per
+        process: the jobs of a sweep, and the test pass after fit, share them."""
+        # torchvision wants all four files of a data set before it reads any.
+        if not all(path.is_file() for split in (True, False) for path in self._files(split)):
+            self._download()
+        images, labels_file = self._files(train)
+        stats = [
+            (str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns)
+            for p in (images, labels_file)
+        ]
+        key = (self.verify, *stats)
+        if key not in _DECODED:
             check_pair(images, labels_file, IMAGE_SIZE)
             if self.verify:
                 verify_official(self.dataset, self._folder, images, labels_file)
@@ -150,14 +159,10 @@ class ImageDataModule(pl.LightningDataModule):
                     f"{str(labels_file)!r} holds labels outside 0..{NUM_CLASSES - 1}, so it is "
                     f"corrupt or not a {self.dataset} label file. Replace it with an intact copy."
                 )
-            self._decoded[train] = (split.data, labels)
-        return self._decoded[train]
-
-    def _take_decoded(self, train: bool) -> tuple[Tensor, Tensor]:
-        """The decoded split, released from the cache once setup() has built its tensors."""
-        decoded = self._decode(train)
-        del self._decoded[train]
-        return decoded
+            while len(_DECODED) >= _DECODED_KEPT:
+                _DECODED.pop(next(iter(_DECODED)))
+            _DECODED[key] = (split.data, labels)
+        return _DECODED[key]
 
     def _download(self) -> None:
         if not self.download:
@@ -188,7 +193,7 @@ class ImageDataModule(pl.LightningDataModule):
             device = self.trainer.strategy.root_device
             self._shard = {"rank": self.trainer.global_rank, "world_size": self.trainer.world_size}
         if stage in (None, "fit", "validate") and "train" not in self.splits:
-            images, labels = self._take_decoded(train=True)
+            images, labels = self._decode(train=True)
             if not 0 <= self.val_size < len(images):
                 raise GenlabError(
                     f"data.val_size={self.val_size} must be between 0 and {len(images) - 1} "
@@ -204,7 +209,7 @@ class ImageDataModule(pl.LightningDataModule):
             self.splits["train"] = (train_images.to(device), labels[train_idx].to(device))
             self.splits["val"] = self._eval_split(images[val_idx], labels[val_idx], device)
         if stage in (None, "test", "predict") and "test" not in self.splits:
-            self.splits["test"] = self._eval_split(*self._take_decoded(train=False), device)
+            self.splits["test"] = self._eval_split(*self._decode(train=False), device)
 
     def _eval_split(
         self, images: Tensor, labels: Tensor, device: torch.device
