@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+
+import numpy as np
 import pytest
 import torch
 from hydra.utils import instantiate
@@ -234,3 +237,18 @@ def test_every_family_declares_only_pictures_the_logger_draws():
 
     for family in (AE, GAN, VAE):
         assert family.visuals and set(family.visuals) <= set(callbacks.VISUALS)
+
+
+def test_the_projector_sprite_lays_images_out_row_by_row_and_is_drawn_once():
+    from PIL import Image as PILImage
+
+    from genlab import projector
+
+    images = torch.rand(10, 1, 28, 28)
+    png = projector.sprite(images)
+    assert projector.sprite(images.clone()) is png  # the next job of a sweep reuses it
+    grid = np.asarray(PILImage.open(io.BytesIO(png)))
+    assert grid.shape == (4 * 28, 4 * 28)  # ceil(sqrt(10)) images a side
+    expected = (images[6, 0] * 255).round().byte().numpy()  # row 1, column 2
+    assert np.array_equal(grid[28:56, 56:84], expected)
+    assert not grid[84:].any()  # the square's unused cells stay black

@@ -21,6 +21,7 @@ from genlab import private_api, visuals
 from genlab.errors import GenlabError
 from genlab.models.base import GenerativeModel
 from genlab.options import Range, checked
+from genlab.projector import write_embedding
 
 # Every picture a family may declare in its ``visuals``. manifold needs a 2-D latent
 # space and traversals more than two dims; the others apply to any family declaring them.
@@ -213,11 +214,12 @@ class ImageLogger(pl.Callback):
             codes = model.embed_all(images).cpu()
         names = trainer.datamodule.class_names
         for writer in writers:
-            writer.add_embedding(
+            write_embedding(
+                Path(writer.log_dir),
                 codes,
-                metadata=[names[i] for i in labels.tolist()],
-                label_img=images.cpu(),
-                global_step=trainer.global_step,
+                [names[i] for i in labels.tolist()],
+                images,
+                trainer.global_step,
                 tag="latent",
             )
 
