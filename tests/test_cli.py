@@ -150,6 +150,31 @@ def test_help_and_cfg_import_no_torch(tmp_path):
     assert json.loads(done.stdout.splitlines()[-1]) == []
 
 
+def test_help_is_written_for_each_command(tmp_path):
+    def help_text(command: str) -> str:
+        done = subprocess.run(
+            [command_path(command), "--help"],
+            cwd=tmp_path,
+            env=command_env(None),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
+        return done.stdout
+
+    train_help, eval_help = help_text("genlab-train"), help_text("genlab-eval")
+    assert train_help.startswith("genlab-train: train an autoencoder, a VAE or a GAN")
+    assert "powered by Hydra" not in train_help + eval_help
+    assert "genlab-train -m model.latent_dim=2,4,8 model.beta=0.5,1,2" in train_help
+    assert "model: ae, gan, vae" in train_help and "trainer: auto, cpu, ddp, gpu" in train_help
+    # genlab-eval: its required argument, and none of the training groups.
+    assert "Usage: genlab-eval ckpt_path=<checkpoint>" in eval_help
+    assert "Required:\n  ckpt_path=<file>" in eval_help
+    assert "model: ae, gan, vae" not in eval_help and "trainer:" not in eval_help
+    assert "nll_samples: 1000" in eval_help
+
+
 # -- clean errors, reproduction and crash safety, through the real entry point -----------------
 
 FAST_CLI = [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from functools import partial
 
 import pytest
@@ -61,11 +62,20 @@ def test_fid_of_a_vae_falls_as_it_trains(cache_dir, mnist_full):
     assert scores[0] > scores[1] > scores[2], scores
 
 
-def test_the_classifier_is_trained_once_then_read_from_the_cache(tmp_path, monkeypatch, mnist_full):
+def test_the_classifier_is_trained_once_then_read_from_the_cache(
+    tmp_path, monkeypatch, mnist_full, caplog
+):
+    caplog.set_level(logging.INFO, logger="genlab")
     train = tuple(t[:3000] for t in mnist_full.splits["train"])
     test = tuple(t[:1000] for t in mnist_full.splits["test"])
     first, accuracy, path = fid.cached_classifier(tmp_path, "mnist", 0.2, train, test, 1000)
     assert path.is_file() and path.parent == tmp_path
+    said = [r.getMessage() for r in caplog.records]  # the first use says why it takes a while
+    assert (
+        f"Training genlab's mnist classifier for FID and IS (0.2 epochs; once, then read from {path})..."
+        in said
+    )
+    assert f"The classifier reached {100 * accuracy:.2f}% test accuracy" in said[-1]
     assert f'"test_accuracy": {accuracy}' in path.with_suffix(".json").read_text()
 
     def no_training(*args, **kwargs):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 
 import numpy as np
 import pytest
@@ -38,7 +39,8 @@ def image_sizes(events: EventAccumulator) -> dict[str, tuple[int, int]]:
     }
 
 
-def test_a_2d_vae_run_logs_curves_and_its_pictures(make_cfg, tmp_path):
+def test_a_2d_vae_run_logs_curves_and_its_pictures(make_cfg, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="genlab")
     # The limits of genlab-train's documented example: two short epochs.
     train(
         make_cfg(
@@ -55,6 +57,13 @@ def test_a_2d_vae_run_logs_curves_and_its_pictures(make_cfg, tmp_path):
     events = read_events(run_dir)
     scalars = set(events.Tags()["scalars"])
     assert {"train/loss", "train/loss_step", "val/loss", "test/neg_elbo"} <= scalars
+    assert "epoch" not in scalars  # Lightning's staircase would open the Scalars tab
+    # The console log (train.log) has a line per epoch with its numbers.
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Epoch ")]
+    assert [line.split(":")[0] for line in lines] == ["Epoch 1/2", "Epoch 2/2"]
+    final = {e.tag: e for e in (events.Scalars("train/loss")[-1], events.Scalars("val/loss")[-1])}
+    assert f"train/loss {final['train/loss'].value:.4g}" in lines[-1]
+    assert f"val/loss {final['val/loss'].value:.4g}" in lines[-1]
     # One mean per epoch; per-step values every log_every_n_steps.
     assert [e.step for e in events.Scalars("train/loss")] == [39, 79]
     assert len(events.Scalars("train/loss_step")) == 8
@@ -84,10 +93,8 @@ def test_a_2d_vae_run_logs_curves_and_its_pictures(make_cfg, tmp_path):
     metric_tags = {info.name.tag for info in experiment.experiment.metric_infos}
     assert {"test/neg_elbo", "test/loss"} <= metric_tags <= scalars
 
-    # Projector: the test codes of the final weights, labelled by class name.
-    (metadata,) = (run_dir / "tensorboard").glob("*/latent/metadata.tsv")
-    assert set(metadata.read_text().split()) <= set(CLASS_NAMES["mnist"])
-    assert (metadata.parent / "sprite.png").is_file()
+    # No Projector for two dimensions: its PCA would show an empty plot.
+    assert not (run_dir / "tensorboard" / "projector_config.pbtxt").exists()
 
 
 def test_a_larger_latent_space_gets_traversals_instead_of_a_manifold(make_cfg, tmp_path):
@@ -95,6 +102,13 @@ def test_a_larger_latent_space_gets_traversals_instead_of_a_manifold(make_cfg, t
     sizes = image_sizes(read_events(tmp_path / "run"))
     assert "manifold" not in sizes
     assert sizes["traversals"] == grid_size(8, 11)  # every one of the 8 dims, 11 steps each
+
+    # Projector: the test codes of the final weights, labelled by class name.
+    (metadata,) = (tmp_path / "run" / "tensorboard").glob("*/latent/metadata.tsv")
+    assert set(metadata.read_text().split()) <= set(CLASS_NAMES["mnist"])
+    codes = np.loadtxt(metadata.parent / "tensors.tsv")
+    assert codes.shape == (100, 8)  # callbacks.images.projector_points of the tests
+    assert (metadata.parent / "sprite.png").is_file()
 
 
 def test_a_gan_shows_samples_and_interpolations_only(make_cfg, tmp_path):

@@ -45,7 +45,8 @@ class ImageLogger(pl.Callback):
     ``every_n_epochs`` epochs and at the end of fit, into TensorBoard (Images
     tab, at the global step) and as PNG files ``<dirpath>/<tag>_epoch<NNN>.png``
     (NNN counts from 0, as checkpoint names do) and ``<tag>_final.png``. At the
-    end of fit it also hands the codes of test images to TensorBoard's Projector.
+    end of fit it also hands the codes of test images to TensorBoard's Projector (for
+    more than three latent dimensions: the Projector's PCA shows nothing for fewer).
 
     Codes are decoded in standard units: for families with a prior (VAE, GAN)
     they are prior codes; for an AE, whose code scale is arbitrary, a unit is
@@ -212,6 +213,8 @@ class ImageLogger(pl.Callback):
         images, labels = images[: self.projector_points], labels[: self.projector_points]
         with _evaluating(model):
             codes = model.embed_all(images).cpu()
+        if codes.shape[1] <= 3:  # the Projector's PCA needs more; the latent scatter shows these
+            return
         names = trainer.datamodule.class_names
         for writer in writers:
             write_embedding(

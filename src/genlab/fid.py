@@ -5,6 +5,8 @@ other, for the same data set and classifier."""
 from __future__ import annotations
 
 import json
+import logging
+import time
 from pathlib import Path
 
 import torch
@@ -15,6 +17,8 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from genlab.atomic import write_atomically
 
 # The FID classifier is trained once per data set, always from this seed.
+log = logging.getLogger(__name__)
+
 _CLASSIFIER_SEED = 0
 # Bump when the classifier's architecture or training changes: cached files of older versions are ignored.
 _CLASSIFIER_VERSION = 1
@@ -107,8 +111,20 @@ def cached_classifier(
         model = FeatureClassifier().to(device)
         model.load_state_dict(saved["state_dict"])
         return model.eval(), saved["test_accuracy"], path
+    log.info(
+        "Training genlab's %s classifier for FID and IS (%g epochs; once, then read from %s)...",
+        dataset,
+        epochs,
+        path,
+    )
+    start = time.perf_counter()
     model = train_classifier(*train, epochs=epochs)
     accuracy = model.accuracy(*test, batch_size=batch_size)
+    log.info(
+        "The classifier reached %.2f%% test accuracy in %.0f s.",
+        100 * accuracy,
+        time.perf_counter() - start,
+    )
     info = {
         "dataset": dataset,
         "epochs": epochs,

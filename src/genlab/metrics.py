@@ -7,7 +7,9 @@ checkpoint and the data and decides which metrics apply to which family.
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +18,8 @@ from tqdm.auto import tqdm
 
 from genlab.models import VAE
 from genlab.models.nets import IMAGE_PIXELS
+
+log = logging.getLogger(__name__)
 
 # Burda et al. (2016) count latent dimension d as active when Cov_x(E_q[z_d]) > 0.01.
 ACTIVE_UNIT_THRESHOLD = 0.01
@@ -62,6 +66,10 @@ def importance_sampled_nll(
     # steps pins glibc's heap above that step's large temporaries, and the
     # process grew by megabytes per test image (over 20 GB at K = 5000).
     nll = torch.empty(images.size(0), device=images.device)
+    log.info(
+        "Estimating test/nll: %d test images, K = %d importance samples each...", len(images), k
+    )
+    began = time.perf_counter()
     # At K = 5000 this takes minutes: a progress bar on a terminal (disable=None: none in log files).
     with tqdm(total=images.size(0), desc=f"test/nll, K={k}", unit="image", disable=None) as bar:
         for start in range(0, images.size(0), images_per_step):
@@ -72,6 +80,17 @@ def importance_sampled_nll(
                 log_sum = torch.logaddexp(log_sum, log_w.logsumexp(1))
             nll[start : start + x.size(0)] = math.log(k) - log_sum
             bar.update(x.size(0))
+            done_images = start + x.size(0)
+            quarter = 4 * done_images // images.size(0)
+            if quarter > 4 * start // images.size(0) and done_images < images.size(0):
+                # For the log file, where the bar does not go: a line each quarter.
+                log.info(
+                    "test/nll: %d of %d images (%.0f s)",
+                    done_images,
+                    images.size(0),
+                    time.perf_counter() - began,
+                )
+    log.info("test/nll estimated in %.0f s.", time.perf_counter() - began)
     return nll
 
 

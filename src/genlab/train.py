@@ -104,7 +104,14 @@ def _run(cfg: DictConfig, stopper: StopSignals, start: float) -> dict[str, Any]:
     stopper.phase = "training"
     if trainer.is_global_zero:
         record_run(output_dir, cfg)
-    log.info("Seed %d; torch CPU threads: %d", cfg.seed, torch.get_num_threads())
+    log.info(
+        "Run directory: %s (watch it with: tensorboard --logdir %s). Seed %d; torch CPU "
+        "threads: %d.",
+        output_dir.resolve(),
+        output_dir.resolve(),
+        cfg.seed,
+        torch.get_num_threads(),
+    )
     if logger:
         logger.log_hyperparams(run_config)
     try:
@@ -164,7 +171,18 @@ def _fit_and_test(
     metrics["wall_time_s"] = round(time.perf_counter() - start, 2)
     if trainer.is_global_zero:
         write_metrics(output_dir / METRICS_FILE, metrics)
-        log.info("Run directory: %s", output_dir.resolve())
+        numbers = ", ".join(
+            f"{k} {v:.4g}"
+            for k, v in metrics.items()
+            if k.startswith("test/") and isinstance(v, int | float)
+        )
+        log.info(
+            "Completed in %.0f s: %s. Results: %s; pictures: %s.",
+            metrics["wall_time_s"],
+            numbers,
+            (output_dir / METRICS_FILE).resolve(),
+            (output_dir / "images").resolve(),
+        )
     return metrics
 
 

@@ -7,6 +7,7 @@ cost: docs/PERFORMANCE.md says why, and BENCHMARKS.md how much each is worth now
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable
 from typing import Any
@@ -17,6 +18,8 @@ from torch import Tensor
 
 from genlab import private_api
 from genlab.errors import TrainingDiverged
+
+log = logging.getLogger(__name__)
 
 # Checkpoint entry holding the running sums of the current training epoch, so that a
 # run resumed mid-epoch still logs the mean over the whole epoch.
@@ -99,7 +102,21 @@ class LeanLightningModule(pl.LightningModule):
             # Summed over all processes (DDP), count last, before dividing: the exact mean.
             totals = torch.tensor([*epoch.sums.values(), float(epoch.count)], device=self.device)
             totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
-            self._log("train", dict(zip(epoch.sums, totals[:-1] / totals[-1])), sync_dist=False)
+            means = dict(zip(epoch.sums, totals[:-1] / totals[-1]))
+            self._log("train", means, sync_dist=False)
+            if self.trainer.is_global_zero:
+                self._report_epoch({f"train/{name}": float(v) for name, v in means.items()})
+
+    def _report_epoch(self, train: dict[str, float]) -> None:
+        """One line per epoch in the console log (and train.log): the epoch's training means
+        and the latest validation numbers."""
+        val = {
+            k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("val/")
+        }
+        numbers = ", ".join(f"{k} {v:.4g}" for k, v in {**train, **val}.items())
+        last = self.trainer.max_epochs
+        of = f"/{last}" if last is not None and last >= 0 else ""
+        log.info("Epoch %d%s: %s", self.current_epoch + 1, of, numbers)
 
     def _log(
         self, split: str, metrics: dict[str, Tensor], on_step: bool = False, **kwargs: Any
