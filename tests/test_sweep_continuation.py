@@ -12,9 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from commands import command_env, command_path, run_commands
-from genlab.continuation import last_attempts
+from genlab.continuation import last_attempts, plan_job
 
 # Four jobs of two short epochs; last.ckpt after every step, so a kill lands mid-epoch.
 SWEEP = [
@@ -114,6 +115,23 @@ def test_rerunning_a_killed_sweep_finishes_it_exactly(continued):
     )
 
 
+def test_an_attempt_that_left_nothing_to_resume_from_starts_again(tmp_path):
+    job = tmp_path / "3"
+    (job / "checkpoints").mkdir(parents=True)
+    # Stopped twice in its first epoch: a record, a best checkpoint, no last.ckpt.
+    (job / "metrics.json").write_text(json.dumps({"status": "interrupted"}))
+    (job / "checkpoints" / "best-epoch000.ckpt").write_bytes(b"stale")
+    cfg = OmegaConf.create(
+        {
+            "resume": None,
+            "paths": {"output_dir": str(job), "checkpoint_dir": str(job / "checkpoints")},
+        }
+    )
+    assert plan_job(cfg).action == "run"
+    assert not (job / "metrics.json").exists()
+    assert not list((job / "checkpoints").glob("*.ckpt"))
+
+
 def test_rerunning_a_finished_sweep_trains_nothing(continued):
     folder, result = continued["folder"], continued["results"]["finished"]
     assert result["code"] == 0, result["stderr"][-3000:]
@@ -125,11 +143,13 @@ def test_rerunning_a_finished_sweep_trains_nothing(continued):
 def test_a_sweep_with_other_settings_is_refused_per_job_naming_the_key(continued):
     folder, result = continued["folder"], continued["results"]["changed"]
     assert result["code"] == 1
-    assert "Error: 4 job(s) of this sweep did not run" in result["stderr"]
+    assert "Error: 4 job(s) of this sweep did not run (0, 1, 2, 3)" in result["stderr"]
     attempts = last_attempts(folder / "killed", *window(continued, "changed"))
     assert attempts == dict.fromkeys(JOBS, "refused")
-    log_text = (folder / "killed" / "0" / "train.log").read_text()
-    assert "model.kl_warmup_epochs was 0, now 1" in log_text
+    assert "Job 0 refused: " in result["stderr"]
+    assert "model.kl_warmup_epochs was 0, now 1" in result["stderr"]
+    # The jobs' own logs say nothing of a command that did not own their folders.
+    assert "kl_warmup" not in (folder / "killed" / "0" / "train.log").read_text()
     # The sweep's first log line says how to continue it.
     straight = continued["results"]["straight"]["stdout"]
     assert f"hydra.sweep.dir={folder / 'straight'}" in straight

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import importlib
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -117,10 +118,18 @@ def read_checkpoint(
     return checkpoint
 
 
-# What a checkpoint's config may name to be rebuilt (``_target_`` prefixes): genlab's models
-# and data, torch's optimisers and schedules. A checkpoint is data: anything else it names
-# is refused before anything is imported, so a crafted file cannot make genlab call code.
-TRUSTED_TARGETS = ("genlab.models.", "genlab.data.", "torch.optim.")
+# What a checkpoint's config may name to be rebuilt: a class defined in one of these
+# modules, named directly in it (``genlab.models.VAE``, ``torch.optim.Adam``), of the
+# kind given. A checkpoint is data: anything else it names is refused before it is
+# built, so a crafted file cannot make genlab call code (``genlab.models.base.os.system``
+# reaches a function through an import, and is refused).
+TRUSTED_CLASSES = {
+    "genlab.models": "genlab.models.base.GenerativeModel",
+    "genlab.models.nets": "torch.nn.Module",
+    "genlab.data": "pytorch_lightning.LightningDataModule",
+    "torch.optim": "torch.optim.Optimizer",
+    "torch.optim.lr_scheduler": "torch.optim.lr_scheduler.LRScheduler",
+}
 # The parts of the run config that rebuilding a model and its data instantiates.
 _REBUILT = ("model", "data")
 
@@ -141,7 +150,7 @@ def _targets(node: Any, path: str) -> Iterator[tuple[str, Any]]:
 
 def trusted_run_config(saved: Any, source: str, trusted: Sequence[str] = ()) -> dict[str, Any]:
     """A checkpoint's run config, resolved, once every class it would have rebuilt is on
-    the allow-list (`TRUSTED_TARGETS`, plus ``trusted`` prefixes the user names)."""
+    the allow-list (`TRUSTED_CLASSES`, plus ``trusted`` prefixes the user names)."""
     not_genlab = f"{source!r} is not a checkpoint genlab-train wrote"
     if not isinstance(saved, dict):
         raise GenlabError(
@@ -154,28 +163,57 @@ def trusted_run_config(saved: Any, source: str, trusted: Sequence[str] = ()) -> 
     missing = [part for part in _REBUILT if not isinstance(config.get(part), dict)]
     if missing:
         raise GenlabError(f"{not_genlab}: its run config has no {' or '.join(missing)} section.")
-    allowed = (*TRUSTED_TARGETS, *trusted)
     refused = [
         f"{key}={value!r}"
         for part in _REBUILT
         for key, value in _targets(config[part], part)
-        if not (isinstance(value, str) and value.startswith(allowed))
+        if not _trusted(value, trusted)
     ]
     if refused:
         raise GenlabError(
             f"{source!r} asks to build {', '.join(refused)}, which is not a genlab model or data "
             f"set or a torch optimiser or schedule; genlab rebuilds only those from a checkpoint "
             f"(a checkpoint is data, never code). If you trust the file and wrote that class "
-            f"yourself, allow its module with trusted_targets=[<module prefix>]."
+            f"yourself, allow its module with trusted_targets=[<module prefix>.]."
         )
     return config
+
+
+def _trusted(target: Any, trusted: Sequence[str]) -> bool:
+    """Whether ``target`` names a class genlab may build from a checkpoint (see
+    `TRUSTED_CLASSES`), or lies under a prefix the user trusts."""
+    if not isinstance(target, str):
+        return False
+    if any(target.startswith(prefix) for prefix in trusted):
+        return True
+    module_name, _, name = target.rpartition(".")
+    if module_name not in TRUSTED_CLASSES or not name.isidentifier():
+        return False
+    kind_module, _, kind_name = TRUSTED_CLASSES[module_name].rpartition(".")
+    # Only modules genlab itself imports: importing them runs no code from the checkpoint.
+    found = getattr(importlib.import_module(module_name), name, None)
+    kind = getattr(importlib.import_module(kind_module), kind_name)
+    return isinstance(found, type) and issubclass(found, kind)
+
+
+def trusted_prefixes(value: Any) -> list[str]:
+    """``trusted_targets`` as a list of module prefixes, each ending with a dot; one
+    string is one prefix. Anything else is a `GenlabError`."""
+    prefixes = [value] if isinstance(value, str) else list(value or [])
+    bad = [p for p in prefixes if not isinstance(p, str) or not p.endswith(".") or p == "."]
+    if bad:
+        raise GenlabError(
+            f"trusted_targets={value!r}: each entry must be a module prefix ending with a "
+            f"dot, e.g. trusted_targets=[mylab.models.]; {bad[0]!r} is not one."
+        )
+    return prefixes
 
 
 def load_model(
     ckpt_path: str | os.PathLike, map_location: str = "cpu", trusted: Sequence[str] = ()
 ) -> GenerativeModel:
     """Rebuild a trained model from a genlab checkpoint (its run config travels inside it;
-    only classes of `TRUSTED_TARGETS` and ``trusted`` are built from it)."""
+    only classes of `TRUSTED_CLASSES` and under ``trusted`` prefixes are built from it)."""
     checkpoint = read_checkpoint(ckpt_path, "ckpt_path", map_location)
     if CONFIG_KEY not in checkpoint:
         raise GenlabError(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import math
 import signal
@@ -23,7 +24,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from genlab import private_api
+from genlab import private_api, report
 from genlab.config import CONF_DIR, hydra_errors
 from genlab.errors import (
     FolderTaken,
@@ -31,6 +32,7 @@ from genlab.errors import (
     Interrupted,
     exit_code,
     find_user_error,
+    sigterm_raises,
     user_errors,
 )
 from genlab.rundir import record_failure
@@ -70,22 +72,30 @@ def _train(cfg: DictConfig) -> float | None:
     from genlab.continuation import plan_job, record_attempt
 
     sweep_dir, job = Path(HydraConfig.get().sweep.dir), Path(cfg.paths.output_dir).name
+    # Messages about a folder this job may not own are printed, not logged: its train.log
+    # belongs to the run that wrote it.
     try:
-        action = plan_job(cfg) if cfg.resume is None else None
-        record_attempt(sweep_dir, job, action.action if action else "run")
-        if action and action.action == "reuse":
-            # Printed, not logged: the job's train.log stays as its run left it.
-            print(f"Job {job} finished earlier ({action.metrics['status']}): reused, nothing ran.")
-            return _objective(cfg, action.metrics)
-        if action and action.action == "resume":
-            log.info("Job %s stopped earlier: continuing it from its last.ckpt.", job)
-            cfg.resume = "last"
+        action = plan_job(cfg).action if cfg.resume is None else "run"
+    except GenlabError as err:  # another job's folder, or a damaged record
+        record_attempt(sweep_dir, job, "refused")
+        print(f"Job {job} refused: {err}", file=sys.stderr)
+        return _objective(cfg, {})
+    record_attempt(sweep_dir, job, action)
+    if action == "reuse":
+        metrics = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
+        print(f"Job {job} finished earlier ({metrics['status']}): reused, nothing ran.")
+        return _objective(cfg, metrics)
+    if action == "resume":
+        print(f"Job {job} stopped earlier: continuing it from its last.ckpt.")
+        cfg.resume = "last"
+    try:
         metrics = train(cfg)
     except Exception as err:
         user_error = find_user_error(err)
-        if isinstance(user_error, FolderTaken):
-            _taken_jobs.append(cfg.paths.output_dir)
+        if isinstance(user_error, FolderTaken):  # in use by another command
             record_attempt(sweep_dir, job, "refused")
+            print(f"Job {job} refused: {user_error}", file=sys.stderr)
+            return _objective(cfg, {})
         record_failure(
             Path(cfg.paths.output_dir), cfg, user_error or err
         )  # creates train.log's folder
@@ -97,10 +107,6 @@ def _train(cfg: DictConfig) -> float | None:
     if metrics["status"] == "interrupted":  # Ctrl-C stops the whole sweep
         raise SystemExit(_exit_code(metrics))
     return _objective(cfg, metrics)
-
-
-# Jobs of this sweep refused because their folder holds another job or is in use.
-_taken_jobs: list[str] = []
 
 
 def _in_sweep() -> bool:
@@ -133,19 +139,22 @@ def _objective(cfg: DictConfig, metrics: dict[str, Any]) -> float | None:
 
 def train_command() -> None:
     """``genlab-train``: one training run, or a sweep with ``-m``."""
-    _taken_jobs.clear()
+    report.refused_jobs.clear()
     with (
         _stops_reported(),
         private_api.hydra_task_module("genlab.train"),
         hydra_errors.reworded(CONF_DIR),
     ):
         _train()  # its log: train.log
-    if _taken_jobs:  # never report an earlier sweep's results as this one's
+    if report.refused_jobs:  # never report another sweep's results as this one's
+        names = ", ".join(report.refused_jobs[:5]) + (
+            ", ..." if len(report.refused_jobs) > 5 else ""
+        )
         print(
-            f"Error: {len(_taken_jobs)} job(s) of this sweep did not run: their folders hold "
-            f"finished jobs with other settings, or are in use ({', '.join(_taken_jobs[:3])}"
-            f"{', ...' if len(_taken_jobs) > 3 else ''}); train.log of each says why. Sweep "
-            f"into a new folder: leave hydra.sweep.dir at its default or name a new one.",
+            f"Error: {len(report.refused_jobs)} job(s) of this sweep did not run ({names}): "
+            f"their folders hold these jobs with other settings, or another command works in "
+            f"them (the lines 'Job N refused' above say which). Sweep into a new folder: leave "
+            f"hydra.sweep.dir at its default or name a new one.",
             file=sys.stderr,
         )
         raise SystemExit(1)
@@ -178,6 +187,7 @@ def eval_command() -> None:
     """``genlab-eval``: a checkpoint's metrics on the test set."""
     with (
         _stops_reported(),
+        sigterm_raises("evaluation"),
         private_api.hydra_task_module("genlab.evaluate"),
         hydra_errors.reworded(CONF_DIR),
     ):

@@ -2,10 +2,10 @@
 
 What a job does depends on what its folder holds (``plan_job``):
 
-    metrics.json says completed or diverged, same config   reuse: nothing runs, no file changes
-    metrics.json says completed or diverged, other config  refused, naming the differing keys
+    the job with other settings (.hydra/config.yaml)       refused, naming the differing keys
+    metrics.json says completed or diverged                reuse: nothing runs, no file changes
     checkpoints/last.ckpt, no finished metrics.json        resume from it (interrupted, killed, failed)
-    a failed job's metrics.json and no checkpoint          run again
+    a failed or stopped attempt with no last.ckpt          its records are removed; run again
     nothing of a run                                       run
 
 Each job's decision is appended to ``<sweep dir>/attempts.jsonl``, which the sweep
@@ -24,7 +24,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from genlab.errors import FolderTaken, GenlabError
-from genlab.rundir import CONFIG_DIR, LAST_CHECKPOINT, METRICS_FILE
+from genlab.rundir import CONFIG_DIR, LAST_CHECKPOINT, METRICS_FILE, is_rank_zero, owned
 
 ATTEMPTS_FILE = "attempts.jsonl"
 # Statuses of a job that ran to its end; running it again would repeat it exactly.
@@ -57,19 +57,27 @@ def plan_job(cfg: DictConfig) -> Plan:
             ) from err
         if not isinstance(metrics, dict):
             raise GenlabError(f"{str(metrics_file)!r} is not a metrics.json genlab wrote.")
+    stored = output_dir / CONFIG_DIR / "config.yaml"
+    changes = _differences(stored, cfg) if stored.is_file() else []
+    if changes:
+        raise FolderTaken(
+            f"{str(output_dir)!r} holds this job with other settings: {'; '.join(changes)}. "
+            f"Rerun the sweep's own command to continue it, or sweep into a new folder (leave "
+            f"hydra.sweep.dir at its default)."
+        )
     if metrics.get("status") in FINISHED:
-        changes = _differences(output_dir / CONFIG_DIR / "config.yaml", cfg)
-        if changes:
-            raise FolderTaken(
-                f"{str(output_dir)!r} holds a finished job with other settings: "
-                f"{'; '.join(changes)}. Rerun the sweep's own command to continue it, or sweep "
-                f"into a new folder (leave hydra.sweep.dir at its default)."
-            )
         return Plan("reuse", metrics)
-    if (Path(cfg.paths.checkpoint_dir) / LAST_CHECKPOINT).is_file():
+    checkpoint_dir = Path(cfg.paths.checkpoint_dir)
+    if (checkpoint_dir / LAST_CHECKPOINT).is_file():
         return Plan("resume")
-    if metrics.get("status") == "failed":
-        metrics_file.unlink()  # genlab's own record of the failure; the new attempt writes its own
+    leftovers = [metrics_file] if metrics else []
+    leftovers += sorted(checkpoint_dir.glob("*.ckpt"))
+    if leftovers and is_rank_zero():
+        # A failed or stopped attempt that left nothing to resume from: its records go, so
+        # that the job starts again; never while another process works in the folder.
+        with owned(output_dir):
+            for path in leftovers:
+                path.unlink(missing_ok=True)
     return Plan("run")
 
 

@@ -49,12 +49,14 @@ def disk_errors(output_dir: Path, record: Callable[[str], None] | None = None) -
         if cause is None or isinstance(err, GenlabError):
             raise
         path = Path(cause.filename or output_dir)
+        verb = "access" if cause.errno in (errno.EACCES, errno.EPERM) else "write"
         message = (
-            f"Could not write {str(path)!r}: {_REASONS[cause.errno]} "
+            f"Could not {verb} {str(path)!r}: {_REASONS[cause.errno]} "
             f"({_free_space(path.parent if cause.filename else path)}). Files already written "
-            f"stay whole, checkpoints included (resume=last continues from the last one). Free "
-            f"space or fix the folder's permissions, or write elsewhere with "
-            f"paths.log_dir=<folder> or hydra.run.dir=<folder>."
+            f"stay whole (if the run had saved a checkpoint, resume=last continues from it). "
+            f"Free space or fix the folder's permissions, or use other folders: "
+            f"hydra.run.dir=<folder> (or paths.log_dir) for runs, paths.cache_dir for the FID "
+            f"classifiers, data.data_dir for the data."
         )
         if record is not None:
             with contextlib.suppress(OSError):

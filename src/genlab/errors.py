@@ -6,7 +6,9 @@ import contextlib
 import os
 import signal
 import sys
+import threading
 from collections.abc import Iterator
+from typing import Any
 
 
 class GenlabError(Exception):
@@ -29,9 +31,31 @@ class Interrupted(BaseException):
     """
 
     def __init__(self, signum: int, phase: str):
-        super().__init__(f"{signal.Signals(signum).name} during {phase}")
+        super().__init__(signum, phase)
         self.signum = signum
         self.phase = phase
+
+    def __str__(self) -> str:
+        return f"{signal.Signals(self.signum).name} during {self.phase}"
+
+
+@contextlib.contextmanager
+def sigterm_raises(phase: str) -> Iterator[None]:
+    """While the block runs, SIGTERM raises `Interrupted` (so ``finally`` blocks and locks
+    are released) instead of killing the process where it stands."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise Interrupted(signum, phase)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def exit_code(signal_name: str) -> int:

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from genlab import fid, metrics, runtime
 from genlab.callbacks import FIT_POINTS
-from genlab.checkpoints import load_model
+from genlab.checkpoints import load_model, trusted_prefixes
 from genlab.config.validate import resolved, validate
 from genlab.data import BINARIZE_SEED_EVAL, BINARIZE_SEED_TRAIN, binarize_sample
 from genlab.errors import FolderTaken, GenlabError
@@ -291,11 +291,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             f"genlab-train, e.g. ckpt_path=<run dir>/checkpoints/last.ckpt."
         )
     output_dir = Path(cfg.paths.output_dir)
+    refuse_used_folder(output_dir)  # before the lock, which writes into the folder
     with owned(output_dir):
-        refuse_used_folder(output_dir)
+        refuse_used_folder(output_dir)  # again: another command may have written meanwhile
         validate(resolved(cfg, ("ckpt_path", "eval", "data", "paths"), "genlab-eval"))
         options = instantiate(cfg.eval)
-        model = load_model(cfg.ckpt_path, trusted=list(cfg.get("trusted_targets") or []))
+        model = load_model(cfg.ckpt_path, trusted=trusted_prefixes(cfg.get("trusted_targets")))
         run_cfg = OmegaConf.create(model.run_config)
         if cfg.data.data_dir is not None:
             run_cfg.data.data_dir = cfg.data.data_dir

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-from pytorch_lightning.trainer.states import TrainerFn
+from pytorch_lightning.trainer.states import TrainerFn, TrainerStatus
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from genlab import private_api
@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # Phases in which Lightning's training loop takes the stop between two batches.
 _GRACEFUL = ("training", "validation")
+# Phases in which a signal changes nothing: the results are written ("done"), or the stop
+# is being recorded ("stopping").
+_SETTLED = ("done", "stopping")
 
 
 class StopSignals(pl.Callback):
@@ -65,7 +68,8 @@ class StopSignals(pl.Callback):
             yield
         finally:
             for signum, handler in previous.items():
-                signal.signal(signum, handler)
+                if handler is not None:  # None: installed from C, which Python cannot restore
+                    signal.signal(signum, handler)
 
     @property
     def signal_name(self) -> str | None:
@@ -73,10 +77,18 @@ class StopSignals(pl.Callback):
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         # During training Lightning's own SIGTERM handler runs first, then calls this one.
+        if self.phase in _SETTLED:  # results written, or the stop being recorded: let it end
+            return
         first = self.signum is None
         if first:
             self.signum, self.stopped_in = signum, self.phase
-        graceful = first and self.phase in _GRACEFUL and self.trainer is not None
+        trainer = self.trainer
+        in_fit = (
+            trainer is not None
+            and trainer.state.fn == TrainerFn.FITTING
+            and trainer.state.status == TrainerStatus.RUNNING
+        )
+        graceful = first and self.phase in _GRACEFUL and in_fit
         if graceful and private_api.request_sigterm_stop(self.trainer):
             log.warning(
                 "%s: stopping after this batch and saving a checkpoint "

@@ -1,13 +1,14 @@
 """TensorBoard Projector files for a run: codes, class names, and a sprite of the images.
 
 The layout is TensorBoard's (``<logdir>/<step>/<tag>/tensors.tsv``, ``metadata.tsv``,
-``sprite.png``, listed in ``<logdir>/projector_config.pbtxt``), written through
-TensorBoard's public projector config. The sprite, the same for every job of a sweep on
+``sprite.png``, listed in ``<logdir>/projector_config.pbtxt``, written whole or not at
+all), with TensorBoard's projector config message. The sprite, the same for every job of a sweep on
 one data set, is drawn once per process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import math
@@ -18,6 +19,8 @@ from google.protobuf import text_format
 from PIL import Image
 from tensorboard.plugins import projector
 from torch import Tensor
+
+from genlab.atomic import write_atomically
 
 _SPRITES: dict[str, bytes] = {}  # PNG bytes by hash of the images they show
 _SPRITES_KEPT = 4
@@ -62,7 +65,8 @@ def write_embedding(
     config = projector.ProjectorConfig()
     config_file = logdir / "projector_config.pbtxt"
     if config_file.is_file():
-        text_format.Merge(config_file.read_text(), config)
+        with contextlib.suppress(text_format.ParseError, UnicodeDecodeError):  # damaged: start anew
+            text_format.Merge(config_file.read_text(), config)
     name = f"{tag}:{step:05d}"
     kept = [e for e in config.embeddings if e.tensor_name != name]
     del config.embeddings[:]
@@ -73,4 +77,4 @@ def write_embedding(
     embedding.metadata_path = f"{subdir}/metadata.tsv"
     embedding.sprite.image_path = f"{subdir}/sprite.png"
     embedding.sprite.single_image_dim.extend([images.shape[-1], images.shape[-2]])
-    projector.visualize_embeddings(str(logdir), config)
+    write_atomically(config_file, text_format.MessageToString(config))

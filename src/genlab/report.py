@@ -23,6 +23,7 @@ import logging
 import math
 import shlex
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -382,11 +383,16 @@ def write_report(sweep_dir: Path) -> list[Path]:
     return written
 
 
+# The jobs the latest multirun of this process refused (genlab-train then exits 1).
+refused_jobs: list[str] = []
+
+
 class SweepReport(Callback):
     """Hydra callback: says at the start how to continue the sweep after a stop; writes
     the report when the multirun ends and says where it is."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.started = time.time()
         sweep_dir = Path(config.hydra.sweep.dir)
         given = [a for a in sys.argv[1:] if not a.startswith("hydra.sweep.dir=")]
         again = " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).name, *given])
@@ -400,6 +406,10 @@ class SweepReport(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
+        # Read from the attempts file: the jobs of a parallel launcher ran in other processes.
+        attempts = last_attempts(sweep_dir, since=getattr(self, "started", None))
+        refused = [job for job, action in attempts.items() if action == "refused"]
+        refused_jobs[:] = sorted(refused, key=lambda job: (len(job), job))
         try:
             written = write_report(sweep_dir)
         except GenlabError as err:

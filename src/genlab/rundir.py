@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import json
+import logging
 import os
 import platform
 import subprocess
@@ -31,6 +32,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from genlab.atomic import write_atomically
 from genlab.errors import FolderTaken, GenlabError
+
+log = logging.getLogger(__name__)
 
 LAST_CHECKPOINT = "last.ckpt"
 METRICS_FILE = "metrics.json"
@@ -76,6 +79,9 @@ def owned(output_dir: Path, enabled: bool = True) -> Iterator[None]:
     if not enabled or fcntl is None:
         yield
         return
+    if not _lockable(output_dir, fcntl):
+        yield
+        return
     was_empty = not output_dir.exists() or not any(output_dir.iterdir())
     output_dir.mkdir(parents=True, exist_ok=True)
     path = output_dir / LOCK_FILE
@@ -107,6 +113,41 @@ def owned(output_dir: Path, enabled: bool = True) -> Iterator[None]:
         with contextlib.suppress(OSError):
             if was_empty and not any(output_dir.iterdir()):
                 output_dir.rmdir()
+
+
+def _lockable(output_dir: Path, fcntl: Any) -> bool:
+    """Whether the file system of ``output_dir`` supports flock (some cluster file systems,
+    Lustre without its flock option, some FUSE and old NFS mounts, do not): where it does
+    not, a warning, and the folder is not guarded."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    probe = output_dir / f".genlab.lock-probe.{os.getpid()}"
+    try:
+        fd = os.open(probe, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        return True  # the lock file's own creation will then say what is wrong with the folder
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError as err:
+        if isinstance(err, BlockingIOError):
+            return True
+        log.warning(
+            "The file system of %s does not support file locks (%s): two commands into this "
+            "folder at once would not be refused.",
+            output_dir,
+            err.strerror,
+        )
+        return False
+    finally:
+        os.close(fd)
+        probe.unlink(missing_ok=True)
+
+
+def is_rank_zero() -> bool:
+    """Whether this process is the first of its run (DDP starts several, SLURM one per
+    task), judged from the environment as Lightning does, before any trainer exists."""
+    ranks = ("RANK", "LOCAL_RANK", "SLURM_PROCID", "NODE_RANK", "GROUP_RANK")
+    return all(os.environ.get(name, "0") in ("", "0") for name in ranks)
 
 
 def record_run(output_dir: Path, cfg: DictConfig) -> None:

@@ -20,7 +20,6 @@ from lightning_fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig
 from pytorch_lightning.callbacks import ProgressBar
 from pytorch_lightning.utilities.exceptions import SIGTERMException
-from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from genlab import runtime
 from genlab.checkpoints import AtomicCheckpointIO, check_resumable
@@ -30,7 +29,14 @@ from genlab.errors import GenlabError, Interrupted, TrainingDiverged
 from genlab.evaluate import evaluate_model
 from genlab.interrupts import StopSignals
 from genlab.resume import OneLogHistory, SeedEachEpoch, resume_checkpoint
-from genlab.rundir import LAST_CHECKPOINT, METRICS_FILE, owned, record_run, write_metrics
+from genlab.rundir import (
+    LAST_CHECKPOINT,
+    METRICS_FILE,
+    is_rank_zero,
+    owned,
+    record_run,
+    write_metrics,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +58,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     stopper = StopSignals(cfg.paths.checkpoint_dir)
 
     def record(message: str) -> None:  # only once the run is accepted: it then owns the directory
-        if stopper.phase != "set-up" and rank_zero_only.rank == 0:
+        if stopper.phase != "set-up" and is_rank_zero():
             write_metrics(output_dir / METRICS_FILE, {"status": "failed", "error": message})
 
     with (
         stopper.installed(),
         disk_errors(output_dir, record),
-        owned(output_dir, enabled=rank_zero_only.rank == 0),
+        owned(output_dir, enabled=is_rank_zero()),
     ):
         return _run(cfg, stopper, start)
 
@@ -86,7 +92,7 @@ def _run(cfg: DictConfig, stopper: StopSignals, start: float) -> dict[str, Any]:
     if resumed is not None:
         ckpt_path, checkpoint = resumed
         check_resumable(checkpoint, model, ckpt_path)
-        del checkpoint
+        del checkpoint, resumed  # Lightning reads the file again; not kept twice in memory
     eval_options = instantiate(cfg.eval)
     datamodule.prepare_data()  # missing or corrupt files stop the run here, before it writes
 
@@ -104,6 +110,8 @@ def _run(cfg: DictConfig, stopper: StopSignals, start: float) -> dict[str, Any]:
     stopper.phase = "training"
     if trainer.is_global_zero:
         record_run(output_dir, cfg)
+        if ckpt_path is not None:  # the earlier attempt's record; this attempt writes its own
+            (output_dir / METRICS_FILE).unlink(missing_ok=True)
     log.info(
         "Run directory: %s (watch it with: tensorboard --logdir %s). Seed %d; torch CPU "
         "threads: %d.",
@@ -129,10 +137,13 @@ def _run(cfg: DictConfig, stopper: StopSignals, start: float) -> dict[str, Any]:
             f"{err} The run stopped before saving anything from those weights; {kept}. Try a "
             f"lower model.optimizer.lr, or clip gradients with trainer.gradient_clip_val (AE, VAE)."
         )
+        stopper.phase = "stopping"
         log.error("%s", message)
         return _stopped(trainer, cfg, start, {"status": "diverged", "message": message})
     except (Interrupted, SIGTERMException) as stop:
-        return _interrupted(trainer, cfg, stopper, start, at_once=isinstance(stop, Interrupted))
+        at_once = isinstance(stop, Interrupted)
+        stopped_in, stopper.phase = stopper.stopped_in or stopper.phase, "stopping"
+        return _interrupted(trainer, cfg, stopper, stopped_in, start, at_once=at_once)
 
 
 def _fit_and_test(
@@ -147,12 +158,10 @@ def _fit_and_test(
 ) -> dict[str, Any]:
     output_dir = Path(cfg.paths.output_dir)
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-    if (
-        stopper.signum is not None
-    ):  # it came after the loop's last look; last.ckpt was saved at its end
+    stopper.phase = "test"  # first: from here on a signal stops at once
+    if stopper.signum is not None:  # after the loop's last look; last.ckpt was saved at its end
         raise SIGTERMException
 
-    stopper.phase = "test"
     tested, val_metrics = _tested_weights(trainer)
     (test_metrics,) = trainer.test(model, datamodule=datamodule, ckpt_path=tested)
 
@@ -171,6 +180,8 @@ def _fit_and_test(
     metrics["wall_time_s"] = round(time.perf_counter() - start, 2)
     if trainer.is_global_zero:
         write_metrics(output_dir / METRICS_FILE, metrics)
+    stopper.phase = "done"
+    if trainer.is_global_zero:
         numbers = ", ".join(
             f"{k} {v:.4g}"
             for k, v in metrics.items()
@@ -219,21 +230,28 @@ def _tested_weights(trainer: pl.Trainer) -> tuple[str | None, dict[str, float]]:
 
 
 def _interrupted(
-    trainer: pl.Trainer, cfg: DictConfig, stopper: StopSignals, start: float, at_once: bool
+    trainer: pl.Trainer,
+    cfg: DictConfig,
+    stopper: StopSignals,
+    phase: str,
+    start: float,
+    at_once: bool,
 ) -> dict[str, Any]:
     """metrics.json of a run stopped by Ctrl-C or SIGTERM, saying in which phase, and how
     to continue."""
-    phase = stopper.stopped_in or stopper.phase
     name = stopper.signal_name or "SIGTERM"
     last = Path(cfg.paths.checkpoint_dir) / LAST_CHECKPOINT
-    if phase in ("training", "validation") and not at_once:
+    if not last.is_file():
+        advice = (
+            "No last.ckpt had been saved (callbacks.last_checkpoint is off, or the stop came "
+            "first): start the run again in a new directory."
+        )
+    elif phase in ("training", "validation") and not at_once:
         advice = f"{last} holds the training state at the stop; continue with resume=last."
     elif phase in ("training", "validation"):
         advice = (
             f"It stopped at once, saving nothing; resume=last continues from {last}, saved "
             f"before the stop."
-            if last.is_file()
-            else "No checkpoint had been saved: start the run again in a new directory."
         )
     else:
         advice = (

@@ -4,6 +4,7 @@ genlab's one-paragraph `GenlabError`, for the command line and for `compose_conf
 from __future__ import annotations
 
 import sys
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,11 +44,24 @@ def _group_set_to_null(overrides: list[str], conf_dir: Path) -> GenlabError | No
     return None
 
 
+def _in_task(err: BaseException) -> bool:
+    """Whether ``err`` was raised by genlab's own work, not by Hydra setting up the run."""
+    own = ("cli.py", "hydra_errors.py", "private_api.py")
+    return any(
+        "genlab" in Path(frame.filename).parts and not frame.filename.endswith(own)
+        for frame in traceback.extract_tb(err.__traceback__)
+    )
+
+
 def user_error_from_hydra(
     err: BaseException, overrides: list[str], conf_dir: Path
 ) -> GenlabError | None:
     """The one-paragraph `GenlabError` for a Hydra composition or override error, else None."""
-    if isinstance(err, (FileExistsError, NotADirectoryError)) and err.filename:
+    if (
+        isinstance(err, (FileExistsError, NotADirectoryError))
+        and err.filename
+        and not _in_task(err)
+    ):
         return GenlabError(
             f"The run folder {str(err.filename)!r} cannot be created: a file is in its way "
             f"({err.strerror}). Choose another hydra.run.dir (hydra.sweep.dir for a sweep) or "

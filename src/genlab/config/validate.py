@@ -164,7 +164,7 @@ def check_training_setup(config: Mapping[str, Any], model: Any) -> None:
             )
     try:  # a dry run: torch checks optimiser and scheduler arguments only when building them
         model.configure_optimizers()
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, RuntimeError, KeyError) as err:
         problems["model.optimizer"] = (
             f"torch refused the optimiser or learning-rate schedule built from model.optimizer "
             f"and model.scheduler: {err}. Correct that value (torch.optim's documentation gives "

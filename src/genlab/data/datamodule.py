@@ -217,7 +217,8 @@ class ImageDataModule(pl.LightningDataModule):
         images = _to_float(images)
         if self.binarize != "none":
             images = binarize_sample(images, BINARIZE_SEED_EVAL)
-        return images.to(device), labels.to(device)
+        # A copy: the decoded labels are shared by every job of the process (_DECODED).
+        return images.to(device), labels.to(device, copy=True)
 
     def train_dataloader(self) -> BatchLoader:
         images, labels = self.splits["train"]
