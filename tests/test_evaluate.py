@@ -79,7 +79,8 @@ def test_genlab_eval_writes_the_metrics_of_a_vae_checkpoint(commands, cache_dir)
     # evaluate.log says what takes long while it runs.
     log_text = (out_dir / "evaluate.log").read_text()
     assert "Estimating test/nll: 500 test images, K = 100 importance samples each" in log_text
-    assert "test/nll: 250 of 500 images" in log_text and "test/nll estimated in" in log_text
+    assert re.search(r"test/nll: \d+ of 500 images", log_text)
+    assert "test/nll estimated in" in log_text
 
 
 def test_the_same_checkpoint_and_seed_give_the_same_numbers(vae_checkpoint, cache_dir, tmp_path):
