@@ -190,6 +190,38 @@ def test_parallel_and_cluster_launchers_run_every_job(sweeps, launcher):
         assert threads * 2 <= max(2, os.cpu_count())
 
 
+def test_tensorboards_hparams_table_of_a_sweep_leads_with_the_swept_option(sweeps):
+    from tensorboard import context
+    from tensorboard.backend.event_processing import data_provider
+    from tensorboard.backend.event_processing import plugin_event_multiplexer as multiplexer
+    from tensorboard.plugins import base_plugin
+    from tensorboard.plugins.hparams import backend_context
+
+    folder, _ = sweeps
+    runs = multiplexer.EventMultiplexer()
+    runs.AddRunsFromDirectory(str(folder / "joblib"))
+    runs.Reload()
+    provider = data_provider.MultiplexerDataProvider(runs, str(folder / "joblib"))
+    hparams = backend_context.Context(
+        base_plugin.TBContext(logdir=str(folder), multiplexer=runs, data_provider=provider)
+    )
+    request = context.RequestContext()
+    # What the HParams tab asks for: the five columns it shows before any click.
+    experiment = hparams.experiment_from_metadata(
+        request,
+        "",
+        True,
+        hparams.hparams_metadata(request, ""),
+        hparams.hparams_from_data_provider(request, "", 5),
+        5,
+    )
+    first = experiment.hparam_infos[0]
+    assert (first.name, first.differs) == ("latent_dim", True)
+    assert (first.domain_interval.min_value, first.domain_interval.max_value) == (2, 3)
+    assert not any(info.differs for info in experiment.hparam_infos[1:])
+    assert "test/neg_elbo" in {info.name.tag for info in experiment.metric_infos}
+
+
 def test_optuna_minimises_the_objective_the_jobs_report(sweeps):
     folder, results = sweeps
     sweep, result = folder / "optuna", results["optuna"]

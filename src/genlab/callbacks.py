@@ -268,11 +268,14 @@ class HParamsLogger(pl.Callback):
         if not (run_config and writers and metrics and trainer.is_global_zero):
             return
         # The metric values are the test/ scalars trainer.test has just logged: the
-        # table refers to them by tag, so nothing is written twice.
-        summaries = hparams(table_hparams(run_config), metrics)
+        # table refers to them by tag, so nothing is written twice. Only the session is
+        # written, not an experiment summary of this run's own: TensorBoard then derives
+        # the table from every run it shows, putting the options that differ between
+        # them (what a sweep varied) first, among the few columns it ticks by default.
+        _experiment, *session = hparams(table_hparams(run_config), metrics)
         for writer in writers:
             file_writer = private_api.event_file_writer(writer)
-            for summary in summaries:
+            for summary in session:
                 file_writer.add_summary(summary, trainer.global_step)
             writer.flush()
 
