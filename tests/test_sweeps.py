@@ -98,6 +98,9 @@ def test_the_report_of_a_partly_failed_and_still_running_sweep(tmp_path, capsys)
     assert float(rows[1]["test/neg_elbo"]) == 120 and rows[3]["test/neg_elbo"] == ""
 
     markdown = (sweep / "summary.md").read_text()
+    assert markdown.startswith("# Sweep over model.beta, model.latent_dim\n")
+    # A reader sees the numbers come from 3-epoch runs.
+    assert "Every job ran with: `trainer.max_epochs=3` (and what its row shows)." in markdown
     assert "4 jobs: 2 completed, 1 failed, 1 unfinished." in markdown
     assert "| **best** 1 | 1 | 8 | completed |" in markdown
     assert "`2`: model.net.activation='bogus' is not a valid choice" in markdown

@@ -129,6 +129,18 @@ def swept_keys(jobs: list[Job]) -> list[str]:
     return [key for key in keys if len({job.overrides.get(key) for job in jobs}) > 1]
 
 
+def fixed_overrides(jobs: list[Job]) -> dict[str, str]:
+    """The overrides every job was given with the same value: the sweep's fixed settings
+    (``trainer.max_epochs=1`` says the numbers come from one epoch)."""
+    keys = sorted({key for job in jobs for key in job.overrides})
+    fixed = {}
+    for key in keys:
+        values = {job.overrides.get(key) for job in jobs}
+        if len(values) == 1 and None not in values:
+            fixed[key] = values.pop()
+    return fixed
+
+
 def ranking_metric(jobs: list[Job]) -> str | None:
     finished = [job for job in jobs if job.status == "completed"]
     for name in RANKING_METRICS:
@@ -185,8 +197,15 @@ def write_tables(jobs: list[Job], sweep_dir: Path) -> None:
 
     metric = ranking_metric(jobs)
     shown = [c for c in columns if c not in ("best", "error")]
+    swept = swept_keys(jobs)
+    fixed = fixed_overrides(jobs)
     lines = [
-        f"# Sweep {sweep_dir.name}",
+        f"# Sweep over {', '.join(swept) if swept else 'one setting'}",
+        "",
+        f"Folder: `{sweep_dir.resolve()}`.",
+        "Every job ran with: "
+        + (", ".join(f"`{key}={value}`" for key, value in fixed.items()) or "the defaults")
+        + " (and what its row shows).",
         "",
         f"{len(jobs)} jobs: "
         + ", ".join(f"{sum(r['status'] == s for r in rows)} {s}" for s in _statuses(rows))
