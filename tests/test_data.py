@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -236,6 +237,23 @@ def test_a_data_dir_whose_parent_is_missing_is_a_typo_not_a_download(tmp_path):
     with pytest.raises(GenlabError, match="no download was tried"):
         dm.prepare_data()
     assert not (tmp_path / "no").exists()
+
+
+def test_a_failed_download_leaves_no_empty_folders(tmp_path, monkeypatch):
+    from genlab.data import datamodule
+
+    def offline(root, train, download):  # torchvision makes its folders, then fails to fetch
+        (Path(root) / "MNIST" / "raw").mkdir(parents=True, exist_ok=True)
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nNo route to host")
+
+    offline.__name__ = "MNIST"
+    monkeypatch.setitem(datamodule.DATASETS, "mnist", offline)
+    (tmp_path / "kept").mkdir()  # a data folder the user made stays
+    for root in (tmp_path / "data", tmp_path / "kept"):
+        with pytest.raises(GenlabError, match=r"downloading it failed \(No route to host\)"):
+            ImageDataModule("mnist", root, download=True).prepare_data()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"]
+    assert not list((tmp_path / "kept").iterdir())
 
 
 def test_the_loader_resumes_mid_epoch_where_it_stopped(data_dir):

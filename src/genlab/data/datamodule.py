@@ -9,6 +9,7 @@ epoch at this model size.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -173,9 +174,15 @@ class ImageDataModule(pl.LightningDataModule):
                     "neither that folder nor its parent exists (a typo?), so no download was tried"
                 )
             )
+        raw = self.data_dir / self._folder / "raw"
+        created = [folder for folder in (self.data_dir, raw.parent, raw) if not folder.exists()]
         try:
             DATASETS[self.dataset](self.data_dir, train=True, download=True)
         except Exception as err:  # no network, a read-only folder, a failing mirror
+            # The folders torchvision made for the files it could not fetch go again.
+            for folder in reversed(created):
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # only if still empty
             # torchvision lists every mirror it tried; the last line holds the final cause.
             reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
             raise GenlabError(self._missing_message(f"downloading it failed ({reason})")) from err
