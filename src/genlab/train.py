@@ -197,13 +197,23 @@ def _fit_and_test(
     return metrics
 
 
+# Lightning's messages that say nothing about the run: an advert, and accelerators this
+# machine does not have (a GPU that is there and used is still announced).
+_NOISE = ("litlogger", "TPU available:", "HPU available:", "GPU available: False")
+
+
+def _says_something(record: logging.LogRecord) -> bool:
+    message = record.getMessage()
+    return not any(noise in message for noise in _NOISE)
+
+
 def _quiet_third_party_noise() -> None:
-    """Drop messages that say nothing about the run: an advert and a deprecation
-    inside Lightning's own code that users cannot act on."""
+    """Drop messages that say nothing about the run (`_NOISE`), and a deprecation inside
+    Lightning's own code that users cannot act on."""
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
-    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(
-        lambda record: "litlogger" not in record.getMessage()
-    )
+    lightning = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    if _says_something not in lightning.filters:  # once per process, not once per sweep job
+        lightning.addFilter(_says_something)
 
 
 def _build_trainer(cfg: DictConfig, **objects: Any) -> pl.Trainer:
