@@ -20,9 +20,13 @@ from genlab.train import train
 TILE = 28 + 2  # make_grid pads every image by 2 pixels
 
 
-def grid_size(rows: int, cols: int) -> tuple[int, int]:
-    """(height, width) of a make_grid picture of rows x cols images."""
-    return rows * TILE + 2, cols * TILE + 2
+def grid_size(
+    rows: int, cols: int, row_labels: bool = False, note: bool = False
+) -> tuple[int, int]:
+    """(height, width) of a labelled grid of rows x cols images: a make_grid picture with
+    its title above, and its row labels left of it and its note below when it has them."""
+    height = rows * TILE + 2 + visuals.TITLE_HEIGHT + (visuals.NOTE_HEIGHT if note else 0)
+    return height, cols * TILE + 2 + (visuals.LABEL_WIDTH if row_labels else 0)
 
 
 def read_events(run_dir) -> EventAccumulator:
@@ -71,9 +75,9 @@ def test_a_2d_vae_run_logs_curves_and_its_pictures(make_cfg, tmp_path, caplog):
 
     sizes = image_sizes(events)
     assert sizes.keys() == {"recon", "samples", "latent", "manifold", "interpolation"}
-    assert sizes["recon"] == grid_size(2, 16)
+    assert sizes["recon"] == grid_size(2, 16, row_labels=True)
     assert sizes["samples"] == grid_size(8, 8)
-    assert sizes["manifold"] == grid_size(15, 15)
+    assert sizes["manifold"] == grid_size(15, 15, note=True)
     assert sizes["interpolation"] == grid_size(8, 10)
     assert sizes["latent"] == (560, 640)
     # Drawn after each epoch, at its last step; the final pictures are the last epoch's.
@@ -102,7 +106,8 @@ def test_a_larger_latent_space_gets_traversals_instead_of_a_manifold(make_cfg, t
     train(make_cfg("model=vae", "model.latent_dim=8"))
     sizes = image_sizes(read_events(tmp_path / "run"))
     assert "manifold" not in sizes
-    assert sizes["traversals"] == grid_size(8, 11)  # every one of the 8 dims, 11 steps each
+    # Every one of the 8 dims, 11 steps each, a row labelled by its dim.
+    assert sizes["traversals"] == grid_size(8, 11, row_labels=True)
 
     # Projector: the test codes of the final weights, labelled by class name.
     (metadata,) = (tmp_path / "run" / "tensorboard").glob("*/latent/metadata.tsv")
@@ -155,7 +160,7 @@ def test_the_manifold_reads_like_a_map_of_the_latent_plane(make_cfg, data_dir):
     # Top-left tile: z1 = -3 (left), z2 = +3 (top); bottom-right: (+3, -3).
     corners = torch.tensor([[-3.0, 3.0], [3.0, -3.0]])
     expected = model.decode(corners).detach().mul(255).round()
-    manifold = images["manifold"].float()
+    manifold = images["manifold"].float()[:, visuals.TITLE_HEIGHT :]  # below its title
     top_left = manifold[0, 2 : 2 + 28, 2 : 2 + 28]
     bottom_right = manifold[0, 2 + 2 * TILE : 2 * TILE + 30, 2 + 2 * TILE : 2 * TILE + 30]
     # Within one grey level: a batch of 9 codes and one of 2 may round differently.
@@ -267,3 +272,13 @@ def test_the_projector_sprite_lays_images_out_row_by_row_and_is_drawn_once():
     expected = (images[6, 0] * 255).round().byte().numpy()  # row 1, column 2
     assert np.array_equal(grid[28:56, 56:84], expected)
     assert not grid[84:].any()  # the square's unused cells stay black
+
+
+def test_a_labelled_picture_keeps_its_grid_and_writes_its_labels_on_white():
+    picture = torch.zeros(3, 62, 92, dtype=torch.uint8)  # a black 2 x 3 grid
+    out = visuals.labelled(picture, "Title", rows=["a", "b"], note="z1 grows to the right")
+    top, left = visuals.TITLE_HEIGHT, visuals.LABEL_WIDTH
+    assert out.shape == (3, top + 62 + visuals.NOTE_HEIGHT, left + 92)
+    assert torch.equal(out[:, top : top + 62, left:], picture)  # the grid, untouched
+    for margin in (out[:, :top], out[:, top : top + 62, :left], out[:, top + 62 :]):
+        assert (margin < 128).any() and (margin == 255).float().mean() > 0.5  # text on white

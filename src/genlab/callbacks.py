@@ -148,12 +148,16 @@ class ImageLogger(pl.Callback):
         images: dict[str, Tensor] = {}
         if "recon" in declared:
             originals = held_out[: self.num_recon]
-            images["recon"] = visuals.recon_grid(originals, model.decode(model.embed(originals)))
+            recon = visuals.recon_grid(originals, model.decode(model.embed(originals)))
+            images["recon"] = visuals.labelled(
+                recon, "Reconstructions of held-out images", rows=["input", "recon"]
+            )
         # Drawn whether or not it is shown, so that the interpolations' codes stay the same.
         samples = model.sample(self.num_samples, noise, gaussian)
         if "samples" in declared:
             tag = "samples_fitted_gaussian" if model.fitted_prior else "samples"
-            images[tag] = visuals.grid(samples, _SAMPLES_PER_ROW)
+            title = "Samples, fitted Gaussian" if model.fitted_prior else "Prior samples"
+            images[tag] = visuals.labelled(visuals.grid(samples, _SAMPLES_PER_ROW), title)
         if "latent" in declared:
             test_images, labels = splits["test"]
             end = self.latent_points
@@ -165,19 +169,32 @@ class ImageLogger(pl.Callback):
             )
         if "manifold" in declared and latent_dim == 2:
             codes = visuals.manifold_codes(self.manifold_size, self.latent_range)
-            images["manifold"] = visuals.grid(decode(codes), self.manifold_size)
+            extent = f"{self.latent_range:g}"
+            images["manifold"] = visuals.labelled(
+                visuals.grid(decode(codes), self.manifold_size),
+                f"Decoded grid, z1 and z2 from -{extent} to {extent}",
+                note="z1 grows to the right, z2 upwards",
+            )
         if "traversals" in declared and latent_dim > 2:
             ranked = model.rank_latent_dims(held_out[:_RANKING_POINTS])
             dims = ranked[: self.max_traversal_dims].tolist()
             codes = visuals.traversal_codes(
                 torch.zeros(latent_dim), dims, self.traversal_steps, self.latent_range
             )
-            images["traversals"] = visuals.grid(decode(codes), self.traversal_steps)
+            extent = f"{self.latent_range:g}"
+            images["traversals"] = visuals.labelled(
+                visuals.grid(decode(codes), self.traversal_steps),
+                f"Each row: one dim from -{extent} to {extent}",
+                rows=[f"z{d}" for d in dims],
+            )
         if "interpolation" in declared:
             ends = torch.randn(2 * self.interpolation_pairs, latent_dim, generator=noise)
             starts, ends = ends.chunk(2)
             codes = visuals.interpolation_codes(starts, ends, self.interpolation_steps)
-            images["interpolation"] = visuals.grid(decode(codes), self.interpolation_steps)
+            images["interpolation"] = visuals.labelled(
+                visuals.grid(decode(codes), self.interpolation_steps),
+                "Lines between random codes",
+            )
         return images
 
     # -- writing ----------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 from torchvision.utils import make_grid
@@ -24,6 +25,41 @@ def grid(images: Tensor, nrow: int) -> Tensor:
 def recon_grid(originals: Tensor, reconstructions: Tensor) -> Tensor:
     """Originals in the top row, their reconstructions below."""
     return grid(torch.cat([originals, reconstructions]), nrow=len(originals))
+
+
+# The margins `labelled` adds around a grid, in pixels.
+TITLE_HEIGHT = 18  # above: the title
+LABEL_WIDTH = 40  # left: a label per row, when given
+NOTE_HEIGHT = 16  # below: a note on the axes, when given
+
+
+@functools.cache
+def _font() -> Any:
+    from PIL import ImageFont
+
+    return ImageFont.load_default(size=12)
+
+
+def labelled(
+    picture: Tensor, title: str, rows: list[str] | None = None, note: str | None = None
+) -> Tensor:
+    """A uint8 (3, H, W) grid with its title above, a label for each of its rows on the left
+    and a note on its axes below (each margin only when given), on white."""
+    from PIL import Image, ImageDraw
+
+    _, height, width = picture.shape
+    left, bottom = (LABEL_WIDTH if rows else 0), (NOTE_HEIGHT if note else 0)
+    canvas = Image.new("RGB", (left + width, TITLE_HEIGHT + height + bottom), "white")
+    canvas.paste(Image.fromarray(picture.permute(1, 2, 0).numpy()), (left, TITLE_HEIGHT))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((left + 2, 3), title, fill="black", font=_font())
+    for i, label in enumerate(rows or []):
+        row_height = (height - 2) / len(rows)
+        middle = TITLE_HEIGHT + 2 + (i + 0.5) * row_height
+        draw.text((LABEL_WIDTH - 4, middle), label, fill="black", font=_font(), anchor="rm")
+    if note:
+        draw.text((left + 2, TITLE_HEIGHT + height + 1), note, fill="black", font=_font())
+    return torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1).contiguous()
 
 
 def manifold_codes(size: int, extent: float) -> Tensor:
