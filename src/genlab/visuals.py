@@ -127,7 +127,7 @@ def latent_scatter(codes: Tensor, labels: Tensor, class_names: list[str], title:
         _raster(points, colours, (x0, x1, y0, y1), (round(box.height), round(box.width))).numpy()
     )
     points_image.set_extent((x0, x1, y0, y1))
-    ax.set_title(title, fontsize=10)
+    ax.set_title(title, fontsize=12)
     ax.set_xlabel(axis_names[0])
     ax.set_ylabel(axis_names[1])
     figure.canvas.draw()
@@ -150,7 +150,7 @@ def _scatter_figure(class_names: tuple[str, ...]) -> tuple[Any, Any, Any, Any]:
     figure = Figure(figsize=(6.4, 5.6), dpi=100)
     FigureCanvasAgg(figure)
     # Fixed margins (room for the legend on the right): tight_layout would double the drawing time.
-    figure.subplots_adjust(left=0.11, right=0.78, bottom=0.09, top=0.9)
+    figure.subplots_adjust(left=0.11, right=0.74, bottom=0.09, top=0.9)
     ax = figure.add_subplot()
     palette = np.array(colormaps["tab10"].colors, dtype=np.float32)  # ten classes, ten colours
     # The points are drawn as one image (see _raster) that fills the axes pixel for pixel.
@@ -163,7 +163,10 @@ def _scatter_figure(class_names: tuple[str, ...]) -> tuple[Any, Any, Any, Any]:
         Line2D([], [], marker="o", linestyle="", color=palette[i % len(palette)], label=name)
         for i, name in enumerate(class_names)
     ]
-    ax.legend(handles=handles, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    # Large enough to read where TensorBoard shows the picture at half its size.
+    ax.legend(
+        handles=handles, fontsize=11, markerscale=1.6, loc="center left", bbox_to_anchor=(1.0, 0.5)
+    )
     return figure, ax, points_image, palette
 
 
