@@ -53,12 +53,26 @@ def commands(vae_checkpoint, cache_dir, data_dir, tmp_path_factory) -> tuple[Pat
             *FAST_EVAL,
         ],
         [f"ckpt_path={folder / 'nope.ckpt'}", f"hydra.run.dir={folder / 'missing'}"],
+        # No hydra.run.dir: the evaluation goes beside the run it evaluates.
+        [
+            f"ckpt_path={vae_checkpoint}",
+            f"paths.cache_dir={cache_dir}",
+            *FAST_EVAL,
+            "eval.fid=false",
+        ],
     ]
     return folder, run_commands("genlab-eval", [{"args": a} for a in cases], data_dir, folder)
 
 
+def test_an_evaluation_is_written_beside_the_run_it_evaluates(commands, vae_checkpoint):
+    _, (*_, beside) = commands
+    assert beside["code"] == 0, beside["stderr"][-3000:]
+    (metrics,) = (vae_checkpoint.parent.parent / "eval").glob("*/metrics.json")
+    assert json.loads(metrics.read_text())["checkpoint"] == str(vae_checkpoint.resolve())
+
+
 def test_genlab_eval_writes_the_metrics_of_a_vae_checkpoint(commands, cache_dir):
-    folder, (result, _) = commands
+    folder, (result, *_) = commands
     out_dir = folder / "eval"
     assert result["code"] == 0, result["stderr"][-3000:]
     metrics = json.loads((out_dir / "metrics.json").read_text())
@@ -146,7 +160,7 @@ def test_the_cache_defaults_to_the_users_cache_folder(monkeypatch):
 
 
 def test_a_missing_checkpoint_is_one_clear_paragraph_without_a_traceback(commands):
-    _, (_, result) = commands
+    _, (_, result, _) = commands
     assert result["code"] not in (0, None, "uncaught")
     assert "Traceback" not in result["stderr"] + result["stdout"]
     (error,) = [line for line in result["stderr"].splitlines() if line.startswith("Error:")]

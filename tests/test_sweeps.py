@@ -85,6 +85,9 @@ def test_the_report_of_a_partly_failed_and_still_running_sweep(tmp_path, capsys)
         {"status": "failed", "error": "model.net.activation='bogus' is not a valid choice"},
     )
     make_job(sweep, "10", [*common, "model.latent_dim=8", "model.beta=4"])  # no metrics yet
+    # A genlab-eval run inside job 1's folder is not a job of the sweep.
+    (sweep / "1" / "eval" / "2026-12-01_10-00-00" / ".hydra").mkdir(parents=True)
+    (sweep / "1" / "eval" / "2026-12-01_10-00-00" / ".hydra" / "overrides.yaml").write_text("[]\n")
 
     report_command([str(sweep)])
 

@@ -85,6 +85,8 @@ def find_jobs(sweep_dir: Path) -> list[Job]:
     attempts = last_attempts(sweep_dir)
     for overrides_file in sorted(sweep_dir.glob("**/.hydra/overrides.yaml"), key=_job_order):
         folder = overrides_file.parent.parent
+        if "eval" in folder.relative_to(sweep_dir).parts[1:]:
+            continue  # a genlab-eval run inside a job's folder, not a job
         problems: list[str] = []
         items = _read(folder, ".hydra/overrides.yaml", yaml.safe_load, list, problems)
         overrides = {}
