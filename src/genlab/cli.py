@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import math
 import signal
@@ -60,8 +59,9 @@ def _train(cfg: DictConfig) -> float | None:
     if not _in_sweep():
         with user_errors():
             metrics = train(cfg)
-        if _exit_code(metrics):
-            raise SystemExit(_exit_code(metrics))
+        code = _exit_code(metrics)
+        if code:
+            raise SystemExit(code)
         return _objective(cfg, metrics)
     with user_errors():
         _refuse_local_ddp_sweep(cfg)
@@ -69,23 +69,26 @@ def _train(cfg: DictConfig) -> float | None:
     # job must not end a sweep (Hydra stops at the first job that raises): record the
     # failure in the job's metrics.json and move on. A diverged job has said so in its
     # metrics.json; the others go on too.
-    from genlab.continuation import plan_job, record_attempt
+    from genlab.continuation import Plan, plan_job, record_attempt
 
     sweep_dir, job = Path(HydraConfig.get().sweep.dir), Path(cfg.paths.output_dir).name
     # Messages about a folder this job may not own are printed, not logged: its train.log
     # belongs to the run that wrote it.
-    try:
-        action = plan_job(cfg).action if cfg.resume is None else "run"
-    except GenlabError as err:  # another job's folder, or a damaged record
+
+    def refused(reason: GenlabError) -> float | None:
         record_attempt(sweep_dir, job, "refused")
-        print(f"Job {job} refused: {err}", file=sys.stderr)
+        print(f"Job {job} refused: {reason}", file=sys.stderr)
         return _objective(cfg, {})
-    record_attempt(sweep_dir, job, action)
-    if action == "reuse":
-        metrics = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
-        print(f"Job {job} finished earlier ({metrics['status']}): reused, nothing ran.")
-        return _objective(cfg, metrics)
-    if action == "resume":
+
+    try:
+        plan = plan_job(cfg) if cfg.resume is None else Plan("run")
+    except GenlabError as err:  # another job's folder, or a damaged record
+        return refused(err)
+    record_attempt(sweep_dir, job, plan.action)
+    if plan.action == "reuse":
+        print(f"Job {job} finished earlier ({plan.metrics['status']}): reused, nothing ran.")
+        return _objective(cfg, plan.metrics)
+    if plan.action == "resume":
         print(f"Job {job} stopped earlier: continuing it from its last.ckpt.")
         cfg.resume = "last"
     try:
@@ -93,9 +96,7 @@ def _train(cfg: DictConfig) -> float | None:
     except Exception as err:
         user_error = find_user_error(err)
         if isinstance(user_error, FolderTaken):  # in use by another command
-            record_attempt(sweep_dir, job, "refused")
-            print(f"Job {job} refused: {user_error}", file=sys.stderr)
-            return _objective(cfg, {})
+            return refused(user_error)
         record_failure(
             Path(cfg.paths.output_dir), cfg, user_error or err
         )  # creates train.log's folder

@@ -23,6 +23,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from genlab.config.compare import config_changes
 from genlab.errors import FolderTaken, GenlabError
 from genlab.rundir import CONFIG_DIR, LAST_CHECKPOINT, METRICS_FILE, is_rank_zero, owned
 
@@ -84,8 +85,6 @@ def plan_job(cfg: DictConfig) -> Plan:
 def _differences(stored_file: Path, cfg: DictConfig) -> list[str]:
     """``key was old, now new`` for each option of the stored job config that differs from
     ``cfg`` (both as composed, interpolations unresolved)."""
-    from genlab.resume import flatten  # here: genlab-report reads attempts without torch
-
     try:
         stored = OmegaConf.to_container(OmegaConf.load(stored_file), resolve=False)
     except Exception as err:  # missing or damaged: the job's settings cannot be compared
@@ -93,12 +92,7 @@ def _differences(stored_file: Path, cfg: DictConfig) -> list[str]:
             f"{str(stored_file)!r} cannot be read ({err}), so whether this finished job has the "
             f"sweep's settings is unknown; sweep into a new folder."
         ) from err
-    before, after = flatten(stored), flatten(OmegaConf.to_container(cfg, resolve=False))
-    return [
-        f"{key} was {before.get(key, '<unset>')!r}, now {after.get(key, '<unset>')!r}"
-        for key in sorted(before.keys() | after.keys())
-        if before.get(key) != after.get(key) and not key.startswith(_FREE)
-    ]
+    return config_changes(stored, OmegaConf.to_container(cfg, resolve=False), _FREE)
 
 
 def record_attempt(sweep_dir: Path, job: str, action: str) -> None:

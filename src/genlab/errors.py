@@ -40,22 +40,29 @@ class Interrupted(BaseException):
 
 
 @contextlib.contextmanager
-def sigterm_raises(phase: str) -> Iterator[None]:
-    """While the block runs, SIGTERM raises `Interrupted` (so ``finally`` blocks and locks
-    are released) instead of killing the process where it stands."""
+def signals_handled(signums: tuple[int, ...], handler: Any) -> Iterator[None]:
+    """Route ``signums`` to ``handler`` while the block runs, then restore the handlers that
+    were there. Only the main thread may handle signals: elsewhere this does nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    previous = {s: signal.signal(s, handler) for s in signums}
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            if old is not None:  # None: installed from C, which Python cannot restore
+                signal.signal(signum, old)
+
+
+def sigterm_raises(phase: str) -> contextlib.AbstractContextManager[None]:
+    """While the block runs, SIGTERM raises `Interrupted` (so ``finally`` blocks and locks
+    are released) instead of killing the process where it stands."""
 
     def stop(signum: int, frame: Any) -> None:
         raise Interrupted(signum, phase)
 
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+    return signals_handled((signal.SIGTERM,), stop)
 
 
 def exit_code(signal_name: str) -> int:

@@ -17,8 +17,6 @@ import contextlib
 import logging
 import os
 import signal
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +25,7 @@ from pytorch_lightning.trainer.states import TrainerFn, TrainerStatus
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from genlab import private_api
-from genlab.errors import Interrupted
+from genlab.errors import Interrupted, signals_handled
 from genlab.rundir import LAST_CHECKPOINT
 
 log = logging.getLogger(__name__)
@@ -57,19 +55,9 @@ class StopSignals(pl.Callback):
         self.stopped_in: str | None = None  # the phase it arrived in
         self.trainer: pl.Trainer | None = None
 
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[None]:
+    def installed(self) -> contextlib.AbstractContextManager[None]:
         """Route Ctrl-C and SIGTERM here while the block (the run) lasts."""
-        if threading.current_thread() is not threading.main_thread():
-            yield  # only the main thread may handle signals
-            return
-        previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
-        try:
-            yield
-        finally:
-            for signum, handler in previous.items():
-                if handler is not None:  # None: installed from C, which Python cannot restore
-                    signal.signal(signum, handler)
+        return signals_handled(STOP_SIGNALS, self._on_signal)
 
     @property
     def signal_name(self) -> str | None:

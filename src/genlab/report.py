@@ -125,22 +125,25 @@ def _job_order(overrides_file: Path) -> tuple[int, str]:
     return (int(name), "") if name.isdigit() else (sys.maxsize, str(overrides_file))
 
 
+def _override_values(jobs: list[Job]) -> dict[str, set[str | None]]:
+    """Each override key of the sweep and the values the jobs gave it (None: not given)."""
+    keys = sorted({key for job in jobs for key in job.overrides})
+    return {key: {job.overrides.get(key) for job in jobs} for key in keys}
+
+
 def swept_keys(jobs: list[Job]) -> list[str]:
     """The overrides whose values differ between jobs: what the sweep varied."""
-    keys = sorted({key for job in jobs for key in job.overrides})
-    return [key for key in keys if len({job.overrides.get(key) for job in jobs}) > 1]
+    return [key for key, values in _override_values(jobs).items() if len(values) > 1]
 
 
 def fixed_overrides(jobs: list[Job]) -> dict[str, str]:
     """The overrides every job was given with the same value: the sweep's fixed settings
     (``trainer.max_epochs=1`` says the numbers come from one epoch)."""
-    keys = sorted({key for job in jobs for key in job.overrides})
-    fixed = {}
-    for key in keys:
-        values = {job.overrides.get(key) for job in jobs}
-        if len(values) == 1 and None not in values:
-            fixed[key] = values.pop()
-    return fixed
+    return {
+        key: next(iter(values))
+        for key, values in _override_values(jobs).items()
+        if len(values) == 1 and None not in values
+    }
 
 
 def ranking_metric(jobs: list[Job]) -> str | None:

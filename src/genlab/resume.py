@@ -20,6 +20,7 @@ from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 
 from genlab import private_api
 from genlab.checkpoints import read_checkpoint
+from genlab.config.compare import config_changes
 from genlab.errors import FolderTaken, GenlabError
 from genlab.models.base import CONFIG_KEY
 from genlab.rundir import LAST_CHECKPOINT, METRICS_FILE
@@ -82,7 +83,7 @@ def resume_checkpoint(
             f"resume={resume}: {str(path)!r} is not a checkpoint genlab-train wrote (its run "
             f"config is a {type(saved).__name__}, not a mapping)."
         )
-    changes = _config_changes(saved, run_config) if saved is not None else []
+    changes = config_changes(saved, run_config, _FREE_ON_RESUME) if saved is not None else []
     if changes:
         raise GenlabError(
             f"resume={resume} would continue {str(path)!r} as a different experiment: "
@@ -90,26 +91,6 @@ def resume_checkpoint(
             f"when resuming; only paths, trainer, callbacks and logger settings may change."
         )
     return str(path), checkpoint
-
-
-def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested dicts as one dict with dotted keys (``model.net.activation``)."""
-    if not isinstance(node, dict):
-        return {prefix: node}
-    flat: dict[str, Any] = {}
-    for key, value in node.items():
-        flat.update(flatten(value, f"{prefix}.{key}" if prefix else key))
-    return flat
-
-
-def _config_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """``key was old, now new`` for every option that differs, except those free on resume."""
-    before, after = flatten(saved), flatten(now)
-    return [
-        f"{key} was {before.get(key, '<unset>')!r}, now {after.get(key, '<unset>')!r}"
-        for key in sorted(before.keys() | after.keys())
-        if before.get(key) != after.get(key) and not key.startswith(_FREE_ON_RESUME)
-    ]
 
 
 # -- random streams -----------------------------------------------------------------------------

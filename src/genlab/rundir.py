@@ -79,12 +79,25 @@ def owned(output_dir: Path, enabled: bool = True) -> Iterator[None]:
     if not enabled or fcntl is None:
         yield
         return
-    if not _lockable(output_dir, fcntl):
-        yield
-        return
     was_empty = not output_dir.exists() or not any(output_dir.iterdir())
     output_dir.mkdir(parents=True, exist_ok=True)
     path = output_dir / LOCK_FILE
+    fd = _lock(path, fcntl)
+    try:
+        yield
+    finally:
+        if fd is not None:
+            path.unlink(missing_ok=True)  # while still locked, so nobody else holds this file
+            os.close(fd)
+        with contextlib.suppress(OSError):
+            if was_empty and not any(output_dir.iterdir()):
+                output_dir.rmdir()
+
+
+def _lock(path: Path, fcntl: Any) -> int | None:
+    """An open descriptor of ``path`` holding its flock, with this process's command line
+    in it; None where the file system has no flock (some cluster file systems, Lustre
+    without its flock option, some FUSE and old NFS mounts), with a warning."""
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -93,10 +106,20 @@ def owned(output_dir: Path, enabled: bool = True) -> Iterator[None]:
             holder = os.read(fd, 4096).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             raise FolderTaken(
-                f"{str(output_dir)!r} is in use by another genlab command (process {holder}). "
+                f"{str(path.parent)!r} is in use by another genlab command (process {holder}). "
                 f"Two runs in one directory would overwrite each other's checkpoints and "
                 f"results: wait for it to end, or choose another hydra.run.dir."
             ) from None
+        except OSError as err:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            log.warning(
+                "The file system of %s does not support file locks (%s): two commands into "
+                "this folder at once would not be refused.",
+                path.parent,
+                err.strerror,
+            )
+            return None
         try:  # the previous holder removes the file when it ends: lock the file that is there
             if os.fstat(fd).st_ino == os.stat(path).st_ino:
                 break
@@ -105,42 +128,7 @@ def owned(output_dir: Path, enabled: bool = True) -> Iterator[None]:
         os.close(fd)
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}: {' '.join(sys.argv)}".encode())
-    try:
-        yield
-    finally:
-        path.unlink(missing_ok=True)  # while still locked, so nobody else holds this file
-        os.close(fd)
-        with contextlib.suppress(OSError):
-            if was_empty and not any(output_dir.iterdir()):
-                output_dir.rmdir()
-
-
-def _lockable(output_dir: Path, fcntl: Any) -> bool:
-    """Whether the file system of ``output_dir`` supports flock (some cluster file systems,
-    Lustre without its flock option, some FUSE and old NFS mounts, do not): where it does
-    not, a warning, and the folder is not guarded."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    probe = output_dir / f".genlab.lock-probe.{os.getpid()}"
-    try:
-        fd = os.open(probe, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError:
-        return True  # the lock file's own creation will then say what is wrong with the folder
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except OSError as err:
-        if isinstance(err, BlockingIOError):
-            return True
-        log.warning(
-            "The file system of %s does not support file locks (%s): two commands into this "
-            "folder at once would not be refused.",
-            output_dir,
-            err.strerror,
-        )
-        return False
-    finally:
-        os.close(fd)
-        probe.unlink(missing_ok=True)
+    return fd
 
 
 def is_rank_zero() -> bool:
