@@ -16,7 +16,7 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from commands import command_env, command_path, run_commands
+from commands import command_env, command_path, run_command, run_commands
 
 # The limits of the acceptance runs: one short epoch.
 ACCEPTANCE_LIMITS = [
@@ -152,15 +152,8 @@ def test_help_and_cfg_import_no_torch(tmp_path):
 
 def test_help_is_written_for_each_command(tmp_path):
     def help_text(command: str) -> str:
-        done = subprocess.run(
-            [command_path(command), "--help"],
-            cwd=tmp_path,
-            env=command_env(None),
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=True,
-        )
+        done = run_command(command, "--help", data_dir=None, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
         return done.stdout
 
     train_help, eval_help = help_text("genlab-train"), help_text("genlab-eval")

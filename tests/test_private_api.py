@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import pytest
 import pytorch_lightning as pl
 import torch
 from torch import nn
@@ -29,19 +30,24 @@ class _Tiny(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def test_lightnings_logging_step_and_hook_name_are_where_genlab_reads_them(tmp_path):
-    model = _Tiny()
+def _fit_one_epoch(model: pl.LightningModule, tmp_path, **trainer_args) -> pl.Trainer:
+    """A bare Trainer's epoch of six one-example batches."""
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(6, 2)))
     trainer = pl.Trainer(
         default_root_dir=tmp_path,
         max_epochs=1,
-        log_every_n_steps=2,
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=False,
-        logger=pl.loggers.CSVLogger(tmp_path),
+        **trainer_args,
     )
     trainer.fit(model, data)
+    return trainer
+
+
+def test_lightnings_logging_step_and_hook_name_are_where_genlab_reads_them(tmp_path):
+    model = _Tiny()
+    _fit_one_epoch(model, tmp_path, log_every_n_steps=2, logger=pl.loggers.CSVLogger(tmp_path))
     # Written out every second step; the step the loggers record counts batches that stepped.
     assert model.seen == [(False, 0), (True, 1), (False, 2), (True, 3), (False, 4), (True, 5)]
     assert hasattr(model, private_api.HOOK_NAME_ATTRIBUTE)
@@ -88,19 +94,6 @@ def test_a_stop_asked_of_lightnings_signal_connector_ends_fit_after_the_batch(tm
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
     model = _StopsAtStep2()
-    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(6, 2)))
-    trainer = pl.Trainer(
-        default_root_dir=tmp_path,
-        max_epochs=1,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        logger=False,
-        enable_checkpointing=False,
-    )
-    try:
-        trainer.fit(model, data)
-    except SIGTERMException:
-        pass
-    else:
-        raise AssertionError("fit ended without Lightning's SIGTERM stop")
-    assert trainer.global_step == 3  # the batch that asked finished
+    with pytest.raises(SIGTERMException):
+        _fit_one_epoch(model, tmp_path, logger=False)
+    assert model.trainer.global_step == 3  # the batch that asked finished

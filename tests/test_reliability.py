@@ -332,3 +332,16 @@ def test_a_real_full_disk(make_cfg, tmp_path):
         assert json.loads((tiny / "run" / "metrics.json").read_text())["status"] == "failed"
     finally:
         subprocess.run(["umount", str(tiny)], check=False)
+
+
+def test_a_file_system_without_locks_runs_unguarded_with_a_warning(tmp_path, monkeypatch, caplog):
+    import fcntl
+
+    def no_flock(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    with rundir.owned(tmp_path / "run"):
+        (tmp_path / "run" / "metrics.json").write_text("{}")
+    assert "does not support file locks" in caplog.text
+    assert not (tmp_path / "run" / rundir.LOCK_FILE).exists()
