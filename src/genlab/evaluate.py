@@ -320,5 +320,6 @@ def refuse_used_folder(output_dir: Path) -> None:
         raise FolderTaken(
             f"{str(output_dir)!r} already holds the results of another run ({', '.join(found)}); "
             f"genlab-eval writes only into a folder of its own. Leave hydra.run.dir at its "
-            f"default (a new folder under <paths.log_dir>/eval/) or name a new one."
+            f"default (a new folder <run dir>/eval/<date>_<time> beside the evaluated run) or "
+            f"name a new one."
         )
