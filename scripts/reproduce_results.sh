@@ -7,13 +7,14 @@
 #   scripts/reproduce_results.sh gan_mnist ...   # only the named stages
 #
 # Stages: seed_vae_mnist seed_vae_mnist_no_kl vae_mnist_nll ae_fashion gan_mnist
-# gan_fashion latent_beta_sweep figures. Runs go to $GENLAB_RESULTS_DIR
+# gan_fashion dcgan_mnist dcgan_fashion latent_beta_sweep figures. Runs go to $GENLAB_RESULTS_DIR
 # (default outputs/results/<stage>/); each stage's wall time goes to
 # <stage>/wall_time_s and the commit it ran at to <stage>/commit. Data comes from
 # data.data_dir as usual ($GENLAB_DATA_DIR).
 set -euo pipefail
 out="${GENLAB_RESULTS_DIR:-outputs/results}"
-all=(seed_vae_mnist seed_vae_mnist_no_kl vae_mnist_nll ae_fashion gan_mnist gan_fashion latent_beta_sweep figures)
+all=(seed_vae_mnist seed_vae_mnist_no_kl vae_mnist_nll ae_fashion gan_mnist gan_fashion dcgan_mnist dcgan_fashion
+  latent_beta_sweep figures)
 
 # train EXPERIMENT [OVERRIDE ...]; then evaluate EXPERIMENT [OVERRIDE ...]
 train() {
@@ -27,7 +28,7 @@ stage() {
   case "$1" in
     seed_vae_mnist | seed_vae_mnist_no_kl | vae_mnist_nll)
       train "$1" && evaluate "$1" eval.nll_samples=5000 ;;
-    ae_fashion | gan_mnist | gan_fashion)
+    ae_fashion | gan_mnist | gan_fashion | dcgan_mnist | dcgan_fashion)
       train "$1" && evaluate "$1" ;;
     latent_beta_sweep)
       # 16 jobs; the sweep report (summary.md, rate_distortion.png) lands in the sweep folder.

@@ -77,7 +77,20 @@ class Explained:
     text: str
 
 
-_CONSTRAINTS = (Range, NonEmpty)
+@dataclass(frozen=True)
+class Length:
+    """A list of exactly ``n`` items."""
+
+    n: int
+
+    def holds(self, value: collections.abc.Sized) -> bool:
+        return len(value) == self.n
+
+    def describe(self) -> str:
+        return f"(exactly {self.n})"
+
+
+_CONSTRAINTS = (Range, NonEmpty, Length)
 
 
 def matches(value: Any, hint: Any) -> bool | None:

@@ -10,7 +10,7 @@ from torch import Tensor
 from genlab.errors import GenlabError
 from genlab.models.base import GenerativeModel, OptimizerFactory, SchedulerFactory
 from genlab.models.likelihood import ReconLoss, reconstruction_nll
-from genlab.models.nets import MLP, Conv
+from genlab.models.nets import Net
 from genlab.options import Range, checked
 
 
@@ -24,7 +24,7 @@ class AE(GenerativeModel):
     @checked("model")
     def __init__(
         self,
-        net: MLP | Conv,
+        net: Net,
         optimizer: OptimizerFactory,
         latent_dim: Annotated[int, Range(1)] = 16,
         recon_loss: ReconLoss = "bce",

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from genlab.models.base import GenerativeModel, OptimizerFactory, SchedulerFactory
-from genlab.models.nets import MLP, Conv
+from genlab.models.nets import Net
 from genlab.options import Range, checked
 
 
@@ -37,7 +37,7 @@ class GAN(GenerativeModel):
     @checked("model")
     def __init__(
         self,
-        net: MLP | Conv,
+        net: Net,
         optimizer: OptimizerFactory,
         latent_dim: Annotated[int, Range(1)] = 64,
         compile: bool = False,

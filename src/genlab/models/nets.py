@@ -15,7 +15,7 @@ from typing import Annotated, Literal
 import torch
 from torch import Tensor, nn
 
-from genlab.options import NonEmpty, Range, checked
+from genlab.options import Length, NonEmpty, Range, checked
 
 IMAGE_SHAPE = (1, 28, 28)
 IMAGE_PIXELS = 28 * 28
@@ -132,6 +132,79 @@ class Conv(_Net):
             if i < len(strides) - 1:
                 layers += self._hidden(c_out, True, nn.BatchNorm2d)
         return nn.Sequential(*layers)
+
+
+class DCGAN(_Net):
+    """The convolutional GAN of Radford et al. (2016), sized for 28x28 images.
+
+    Generator (``decoder``): linear -> channels[-1] x 7 x 7, then transposed
+    convolutions that double the resolution (7 -> 14 -> 28), with ReLU. The
+    discriminator (``encoder``): strided convolutions that halve it (28 -> 14 -> 7)
+    and a linear layer to ``out``, with ``activation`` (the paper's LeakyReLU(0.2)).
+    ``norm=batch`` puts batch norm in every hidden layer but the discriminator's
+    first, as the paper does. Weights start from N(0, 0.02) and batch-norm scales
+    from N(1, 0.02). Exactly two stages: 28 = 7 x 2 x 2.
+    """
+
+    @checked("model.net")
+    def __init__(
+        self,
+        hidden_dims: Annotated[Sequence[Annotated[int, Range(1)]], Length(2)] = (64, 128),
+        activation: Activation = "leaky_relu",
+        norm: Norm = "batch",
+    ):
+        super().__init__(hidden_dims, activation, norm)
+
+    def _normed(self, layer: nn.Module, features: int, batch_norm: type[nn.Module]) -> list:
+        """``layer`` followed by batch norm where configured (the norm makes its bias redundant)."""
+        if self.norm != "batch":
+            return [layer]
+        layer.bias = None
+        return [layer, batch_norm(features)]
+
+    def encoder(self, out_features: int) -> nn.Module:
+        c1, c2 = self.hidden_dims
+        act = ACTIVATIONS[self.activation]
+        return _dcgan_init(
+            nn.Sequential(
+                nn.Conv2d(IMAGE_SHAPE[0], c1, 4, 2, padding=1),
+                act(),
+                *self._normed(nn.Conv2d(c1, c2, 4, 2, padding=1), c2, nn.BatchNorm2d),
+                act(),
+                nn.Flatten(),
+                nn.Linear(c2 * 7 * 7, out_features),
+            )
+        )
+
+    def decoder(self, in_features: int) -> nn.Module:
+        c1, c2 = self.hidden_dims
+        return _dcgan_init(
+            nn.Sequential(
+                *self._normed(nn.Linear(in_features, c2 * 7 * 7), c2 * 7 * 7, nn.BatchNorm1d),
+                nn.ReLU(),
+                nn.Unflatten(1, (c2, 7, 7)),
+                *self._normed(nn.ConvTranspose2d(c2, c1, 4, 2, padding=1), c1, nn.BatchNorm2d),
+                nn.ReLU(),
+                nn.ConvTranspose2d(c1, IMAGE_SHAPE[0], 4, 2, padding=1),
+            )
+        )
+
+
+def _dcgan_init(net: nn.Sequential) -> nn.Sequential:
+    """Radford et al.'s initialisation: weights N(0, 0.02), batch-norm scales N(1, 0.02)."""
+    for module in net.modules():
+        if isinstance(module, nn.Conv2d | nn.ConvTranspose2d | nn.Linear):
+            nn.init.normal_(module.weight, 0.0, 0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.BatchNorm1d | nn.BatchNorm2d):
+            nn.init.normal_(module.weight, 1.0, 0.02)
+            nn.init.zeros_(module.bias)
+    return net
+
+
+# The nets a model family accepts as ``model.net``.
+Net = MLP | Conv | DCGAN
 
 
 def _negative_slope(module: nn.Module) -> float | None:

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from genlab.models.base import GenerativeModel, OptimizerFactory, SchedulerFactory
 from genlab.models.likelihood import ReconLoss, reconstruction_nll
-from genlab.models.nets import MLP, Conv, decode_cloud
+from genlab.models.nets import Net, decode_cloud
 from genlab.options import Range, checked
 
 
@@ -30,7 +30,7 @@ class VAE(GenerativeModel):
     @checked("model")
     def __init__(
         self,
-        net: MLP | Conv,
+        net: Net,
         optimizer: OptimizerFactory,
         latent_dim: Annotated[int, Range(1)] = 16,
         beta: Annotated[float, Range(0)] = 1.0,
