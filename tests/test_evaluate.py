@@ -19,7 +19,7 @@ from genlab import visuals
 from genlab.checkpoints import load_model
 from genlab.config import compose_config
 from genlab.errors import GenlabError, find_user_error
-from genlab.evaluate import evaluate, generated_images
+from genlab.evaluate import evaluate, format_table, generated_images
 from genlab.train import train
 
 NATS_METRICS = {"test/neg_elbo", "test/recon", "test/kl", "test/nll", "test/bpd"}
@@ -129,6 +129,17 @@ def test_each_family_gets_the_metrics_that_apply_to_it(
     assert metrics["model"] == family.upper() and metrics["dataset"] == "mnist"
     if family == "ae":
         assert 0 < metrics["test/mse"] < 0.25 < metrics["test/recon"]
+
+
+def test_a_continuous_bernoulli_vae_is_scored_on_grey_levels(make_cfg, cache_dir, tmp_path):
+    train(make_cfg("model=vae", "model.recon_loss=cbernoulli", "data.binarize=none"))
+    cfg = eval_cfg(tmp_path / "run" / "checkpoints" / "last.ckpt", tmp_path / "eval", cache_dir)
+    metrics = evaluate(cfg)
+    assert metrics["binarize"] == "none"
+    assert metrics["likelihood"].startswith("continuous Bernoulli density of grey levels")
+    # The importance-sampled estimate is tighter than the bound it starts from.
+    assert metrics["test/nll"] < metrics["test/neg_elbo"]
+    assert "the decoder's continuous Bernoulli density" in format_table(metrics)
 
 
 def test_after_fit_merges_the_evaluation_into_the_runs_metrics(make_cfg, cache_dir, tmp_path):

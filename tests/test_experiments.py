@@ -20,6 +20,9 @@ def test_every_documented_experiment_exists():
         "ae_fashion",
         "gan_mnist",
         "gan_fashion",
+        "dcgan_mnist",
+        "dcgan_fashion",
+        "iwae_mnist_nll",
         "latent_beta_sweep",
     }
     assert documented == set(EXPERIMENTS)
@@ -58,6 +61,18 @@ def test_every_experiment_trains(make_cfg, name):
             },
         ),
         ("gan_fashion", {"data.dataset": "fashion_mnist", "model.net.norm": "batch"}),
+        (
+            "iwae_mnist_nll",
+            {"model.iw_samples": 50, "model.latent_dim": 50, "data.binarize": "dynamic"},
+        ),
+        (
+            "dcgan_fashion",
+            {
+                "data.dataset": "fashion_mnist",
+                "model.net._target_": "genlab.models.nets.DCGAN",
+                "model.optimizer.betas": [0.5, 0.999],
+            },
+        ),
         ("latent_beta_sweep", {"model._target_": "genlab.models.VAE", "eval.after_fit": True}),
     ],
 )

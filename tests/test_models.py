@@ -8,15 +8,20 @@ from functools import partial
 import pytest
 import torch
 from torch import nn
-from torch.distributions import Bernoulli, Normal, kl_divergence
+from torch.distributions import Bernoulli, ContinuousBernoulli, Normal, kl_divergence
 
 from genlab.errors import GenlabError
 from genlab.models import AE, GAN, VAE
-from genlab.models.likelihood import reconstruction_nll, softplus_sum
-from genlab.models.nets import MLP, Conv, decode_cloud
+from genlab.models.likelihood import (
+    cb_log_normalizer,
+    pixel_mean,
+    reconstruction_nll,
+    softplus_sum,
+)
+from genlab.models.nets import DCGAN, MLP, Conv, decode_cloud
 
 ADAM = partial(torch.optim.Adam, lr=1e-3)
-NETS = [MLP([64, 32]), MLP([16]), Conv([8, 16]), Conv([8]), Conv([4, 8, 8])]
+NETS = [MLP([64, 32]), MLP([16]), Conv([8, 16]), Conv([8]), Conv([4, 8, 8]), DCGAN([8, 16])]
 
 
 @pytest.mark.parametrize("net", NETS, ids=lambda n: f"{type(n).__name__}{n.hidden_dims}")
@@ -26,7 +31,9 @@ def test_nets_map_images_to_features_and_back(net):
     assert net.decoder(3)(torch.randn(5, 3)).shape == (5, 1, 28, 28)
 
 
-@pytest.mark.parametrize("net", [MLP([32]), Conv([8, 16])], ids=["mlp", "conv"])
+@pytest.mark.parametrize(
+    "net", [MLP([32]), Conv([8, 16]), DCGAN([8, 16])], ids=["mlp", "conv", "dcgan"]
+)
 def test_families_produce_images_of_the_right_shape(net):
     x = torch.rand(4, 1, 28, 28)
     assert AE(net, ADAM, latent_dim=3)(x).shape == x.shape
@@ -153,8 +160,101 @@ def test_kl_warmup_ramps_linearly_to_beta():
         (lambda: MLP([64], norm="layer"), "model.net.norm"),
         (lambda: VAE(MLP([8]), ADAM, recon_loss="l1"), "model.recon_loss"),
         (lambda: AE(MLP([8]), ADAM, recon_loss="l1"), "model.recon_loss"),
+        (lambda: DCGAN([8, 16, 32]), "model.net.hidden_dims"),
+        (lambda: VAE(MLP([8]), ADAM, iw_samples=0), "model.iw_samples"),
     ],
 )
 def test_bad_model_options_name_the_option(build, option):
     with pytest.raises(GenlabError, match=option):
         build()
+
+
+def test_dcgan_nets_follow_radford_et_al():
+    torch.manual_seed(0)
+    net = DCGAN([32, 64])
+    generator, discriminator = net.decoder(100), net.encoder(1)
+    # Batch norm in every hidden layer of the generator, and in the discriminator's but its first.
+    layers = [type(m).__name__ for m in discriminator]
+    assert layers[:2] == ["Conv2d", "LeakyReLU"] and "BatchNorm2d" in layers[2:]
+    assert sum(isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d) for m in generator) == 2
+    assert all(not isinstance(m, nn.LeakyReLU) for m in generator)
+    # Weights from N(0, 0.02), batch-norm scales from N(1, 0.02).
+    convs = [m for m in discriminator.modules() if isinstance(m, nn.Conv2d)]
+    assert convs[1].weight.std().item() == pytest.approx(0.02, rel=0.05)
+    norms = [m for m in generator.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert norms[0].weight.mean().item() == pytest.approx(1.0, abs=0.01)
+    assert DCGAN([8, 16], norm="none").encoder(1)[2].bias is not None
+
+
+@pytest.mark.parametrize("logit", [-40.0, -6.0, -0.5, -0.1, -1e-3, 0.0, 0.05, 0.0999, 0.1, 3.0])
+def test_the_continuous_bernoulli_is_a_density_on_grey_levels_with_the_mean_we_show(logit):
+    x = torch.linspace(0, 1, 100_001, dtype=torch.float64)
+    logits = torch.full((x.numel(), 1, 1, 1), logit, dtype=torch.float64)
+    density = torch.exp(-reconstruction_nll(logits, x.view(-1, 1, 1, 1), "cbernoulli"))
+    assert torch.trapezoid(density, x).item() == pytest.approx(1.0, abs=1e-6)
+    mean = torch.trapezoid(density * x, x).item()
+    assert pixel_mean(logits[:1], "cbernoulli").item() == pytest.approx(mean, abs=1e-6)
+
+
+def test_the_continuous_bernoulli_agrees_with_torch_and_is_smooth_at_one_half():
+    torch.manual_seed(0)
+    logits, x = torch.randn(3, 1, 28, 28) * 3, torch.rand(3, 1, 28, 28)
+    # In float64, so that the comparison is not one of float32 summation orders.
+    reference = -ContinuousBernoulli(logits=logits.double()).log_prob(x.double()).flatten(1)
+    ours = reconstruction_nll(logits.double(), x.double(), "cbernoulli")
+    torch.testing.assert_close(ours, reference.sum(1))
+    # Either side of the switch to the Taylor series, and at logit 0 itself (0 / 0 in the
+    # closed form), values join up and gradients are finite.
+    near = torch.tensor([-0.1, -0.0999999, -1e-7, 0.0, 1e-7, 0.0999999, 0.1], requires_grad=True)
+    values = cb_log_normalizer(near)
+    assert values[0].item() == pytest.approx(values[1].item(), abs=1e-6)
+    assert values[5].item() == pytest.approx(values[6].item(), abs=1e-6)
+    assert values[2:5].tolist() == pytest.approx([math.log(2.0)] * 3)
+    (grad,) = torch.autograd.grad(values.sum() + pixel_mean(near, "cbernoulli").sum(), near)
+    assert torch.isfinite(grad).all()
+    assert pixel_mean(torch.tensor(0.0), "cbernoulli").item() == 0.5
+
+
+def test_one_importance_sample_is_exactly_the_vae():
+    x = torch.rand(8, 1, 28, 28).round()
+    results = []
+    for iw_samples in (None, 1):
+        torch.manual_seed(0)
+        options = {} if iw_samples is None else {"iw_samples": iw_samples}
+        vae = VAE(MLP([32]), ADAM, latent_dim=4, beta=2.0, **options)
+        torch.manual_seed(1)
+        results.append(vae.step((x, torch.zeros(8)), 0, "train"))
+        # The loss as the classic VAE writes it, with the same noise.
+        torch.manual_seed(1)
+        eps = torch.randn(8, 4)
+        mu, logvar = vae.encode(x)
+        logits = vae.decoder(mu + torch.exp(0.5 * logvar) * eps)
+        recon = -Bernoulli(logits=logits).log_prob(x).flatten(1).sum(1).mean()
+        kl = kl_divergence(Normal(mu, torch.exp(0.5 * logvar)), Normal(0.0, 1.0)).sum(1).mean()
+        torch.testing.assert_close(results[-1]["loss"], recon + 2.0 * kl)
+        assert "neg_iw_bound" not in results[-1] and "neg_iw_bound" not in vae.metric_names
+    assert results[0].keys() == results[1].keys()
+    for key in results[0]:
+        torch.testing.assert_close(results[0][key], results[1][key])
+
+
+def test_the_importance_weighted_bound_is_the_one_evaluation_estimates_and_is_tighter():
+    torch.manual_seed(0)
+    vae = VAE(MLP([32]), ADAM, latent_dim=4, iw_samples=5)
+    assert vae.metric_names[-1] == "neg_iw_bound"
+    x = torch.rand(16, 1, 28, 28).round()
+    metrics = vae.step((x, torch.zeros(16)), 0, "train")
+    torch.testing.assert_close(metrics["loss"], metrics["neg_iw_bound"])  # beta = 1: IWAE itself
+    metrics["loss"].backward()
+    assert all(p.grad is not None for p in vae.parameters())
+
+    # The training objective on given noise equals evaluation's estimate from the same noise.
+    eps = torch.randn(16, 5, 4, generator=torch.Generator().manual_seed(3))
+    recon, log_prior_ratio, _ = vae.iw_terms(x, eps)
+    trained = math.log(5) - torch.logsumexp(log_prior_ratio - recon, 1)
+    with torch.no_grad():
+        weights = vae.log_importance_weights(x, 5, torch.Generator().manual_seed(3))
+    estimated = math.log(5) - torch.logsumexp(weights, 1)
+    torch.testing.assert_close(trained, estimated, rtol=1e-4, atol=1e-3)
+    # Jensen: -log mean(w) <= mean(-log w), the one-sample -ELBO on the same codes.
+    assert (trained <= (recon - log_prior_ratio).mean(1) + 1e-4).all()

@@ -162,6 +162,59 @@ def test_the_default_gans_samples_stay_apart(make_cfg, tmp_path, data_dir):
     assert mean_distance(samples) > 0.15 * mean_distance(real)  # real digits: 9.8
 
 
+def test_the_dcgan_separates_real_from_fake_without_collapsing(make_cfg, tmp_path):
+    metrics = train(
+        make_cfg(
+            "model=gan",
+            "model/net=dcgan",
+            "model.net.hidden_dims=[16,32]",
+            "++trainer.limit_train_batches=100",
+            "callbacks.images=null",
+        )
+    )
+    assert metrics["test/d_real"] > 0.5 > metrics["test/d_fake"]
+    assert metrics["test/d_loss"] < 2 * math.log(2)
+    gan = load_model(tmp_path / "run" / "checkpoints" / "last.ckpt").eval()
+    samples = gan.sample(64, torch.Generator().manual_seed(0)).flatten(1)
+    digits = instantiate(make_cfg().data)
+    digits.setup("test")
+    real = next(iter(digits.test_dataloader()))[0][:64].flatten(1)
+    mean_distance = lambda x: torch.cdist(x, x).sum() / (64 * 63)
+    # A collapsed generator draws one image whatever its noise (distance near 0); after
+    # 100 steps this one's samples lie 3.4 apart, real digits 9.8.
+    assert mean_distance(samples) > 0.25 * mean_distance(real)
+
+
+def test_an_iwae_logs_its_bound_beside_the_elbo(make_cfg, tmp_path):
+    metrics = train(
+        make_cfg(
+            "model=vae", "model.iw_samples=5", "logger=csv", "++trainer.limit_train_batches=30"
+        )
+    )
+    (epoch,) = [r for r in csv_rows(tmp_path / "run") if r.get("train/neg_iw_bound")]
+    assert float(epoch["train/neg_elbo"]) > float(epoch["train/neg_iw_bound"]) > 0
+    # Five codes per image give a tighter bound than one, and it is what was optimised.
+    assert metrics["test/neg_iw_bound"] < metrics["test/neg_elbo"]
+    assert metrics["test/loss"] == metrics["test/neg_iw_bound"]
+
+
+def test_a_continuous_bernoulli_vae_learns_a_density_of_grey_levels(make_cfg, tmp_path):
+    cfg = make_cfg(
+        "model=vae",
+        "model.recon_loss=cbernoulli",
+        "data.binarize=none",
+        "logger=csv",
+        "++trainer.limit_train_batches=40",
+        "trainer.log_every_n_steps=5",
+    )
+    metrics = train(cfg)
+    steps = [
+        float(r["train/loss_step"]) for r in csv_rows(tmp_path / "run") if r.get("train/loss_step")
+    ]
+    assert steps[-1] < steps[0] - 500  # nats: a density of grey levels goes far below zero
+    assert metrics["test/neg_elbo"] < 0
+
+
 @pytest.mark.parametrize(("model", "lr", "optimizers"), [("vae", 1e-3, 1), ("gan", 2e-4, 2)])
 def test_a_scheduler_sets_each_epochs_learning_rate(make_cfg, tmp_path, model, lr, optimizers):
     halving = "{_target_:torch.optim.lr_scheduler.StepLR,_partial_:true,step_size:1,gamma:0.5}"

@@ -308,6 +308,7 @@ def table_hparams(run_config: dict[str, Any]) -> dict[str, Any]:
         "latent_dim": model.get("latent_dim"),
         "beta": model.get("beta"),
         "recon_loss": model.get("recon_loss"),
+        "iw_samples": model.get("iw_samples"),
         "lr": model.get("optimizer", {}).get("lr"),
         "data": data.get("dataset"),
         "binarize": data.get("binarize"),

@@ -31,7 +31,7 @@ from genlab.config.validate import resolved, validate
 from genlab.data import BINARIZE_SEED_EVAL, BINARIZE_SEED_TRAIN, binarize_sample
 from genlab.errors import FolderTaken, GenlabError
 from genlab.models import AE, VAE, GenerativeModel
-from genlab.models.likelihood import reconstruction_nll
+from genlab.models.likelihood import LIKELIHOODS, pixel_mean, reconstruction_nll
 from genlab.options import Range, check_values, type_hints
 from genlab.rundir import CONFIG_DIR, METRICS_FILE, owned, record_run, write_metrics
 
@@ -121,10 +121,19 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _likelihood_binary(model: VAE, data: EvalData) -> bool:
-    # A Bernoulli decoder's -log p(x|z) is a likelihood in nats only for binary x;
-    # a Gaussian decoder (mse) scores grey levels as they are.
+def _likelihood_binary(model: VAE | AE, data: EvalData) -> bool:
+    # A Bernoulli decoder's -log p(x|z) is a likelihood in nats only for binary x; the
+    # continuous Bernoulli and Gaussian decoders are densities of grey levels as they are.
     return model.recon_loss == "bce" or data.binarize != "none"
+
+
+def _likelihood(model: VAE | AE, data: EvalData) -> dict[str, str]:
+    """What the nats metrics measure: the decoder's likelihood and the pixels it scores."""
+    binary = _likelihood_binary(model, data)
+    return {
+        "likelihood": LIKELIHOODS[model.recon_loss],
+        "binarize": "static" if binary else "none",
+    }
 
 
 def _vae_metrics(
@@ -144,7 +153,7 @@ def _vae_metrics(
         "test/bpd": metrics.bits_per_dim(nll.mean().item()),
         "test/active_units": metrics.active_units(vae.embed_all(images)),
         "test/kl_per_dim": [round(v, 4) for v in kl_per_dim.tolist()],
-        "binarize": "static" if _likelihood_binary(vae, data) else "none",
+        **_likelihood(vae, data),
         "nll_samples": options.nll_samples,
     }
 
@@ -157,10 +166,11 @@ def _ae_metrics(ae: AE, data: EvalData, options: EvalOptions) -> dict[str, Any]:
     for x in images.split(options.batch_size):
         logits = ae.decoder(ae.encoder(x))
         recon.append(reconstruction_nll(logits, x, ae.recon_loss))
-        mse.append((torch.sigmoid(logits) - x).pow(2).flatten(1).mean(1))
+        mse.append((pixel_mean(logits, ae.recon_loss) - x).pow(2).flatten(1).mean(1))
     return {
         "test/recon": torch.cat(recon).mean().item(),
         "test/mse": torch.cat(mse).mean().item(),
+        "likelihood": LIKELIHOODS[ae.recon_loss],
         "binarize": "static" if binary else "none",
     }
 
@@ -259,6 +269,8 @@ def format_table(results: dict[str, Any]) -> str:
     if "test/kl_per_dim" in results:
         per_dim = " ".join(f"{v:.2f}" for v in results["test/kl_per_dim"])
         lines.append(f"  KL per latent dim: {per_dim}")
+    if "likelihood" in results:
+        lines.append(f"  Nats metrics: the decoder's {results['likelihood']}.")
     if "test/nll" in results:
         lines.append(f"  (test/nll with K = {results['nll_samples']} importance samples)")
     if results.get("binarize") == "static" and results["train_binarize"] == "none":

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated
 
-import torch
 from torch import Tensor
 
 from genlab.errors import GenlabError
 from genlab.models.base import GenerativeModel, OptimizerFactory, SchedulerFactory
-from genlab.models.likelihood import ReconLoss, reconstruction_nll
-from genlab.models.nets import Net
+from genlab.models.likelihood import ReconLoss, pixel_mean, reconstruction_nll
+from genlab.models.nets import IMAGE_SHAPE, Net
 from genlab.options import Range, checked
 
 
@@ -37,6 +36,7 @@ class AE(GenerativeModel):
         self.recon_loss = recon_loss
         self.encoder = net.encoder(latent_dim)
         self.decoder = net.decoder(latent_dim)
+        self.set_example_input(*IMAGE_SHAPE)
 
     def forward(self, x: Tensor) -> Tensor:
         """Reconstructions of ``x`` (pixel means in [0, 1])."""
@@ -47,7 +47,7 @@ class AE(GenerativeModel):
 
     def decode(self, z: Tensor) -> Tensor:
         """Images (pixel means in [0, 1]) decoded from codes ``z``."""
-        return torch.sigmoid(self.decoder(z))
+        return pixel_mean(self.decoder(z), self.recon_loss)
 
     def code_gaussian(self, fit_images: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """The diagonal Gaussian of the codes of ``fit_images`` (training images): mean and

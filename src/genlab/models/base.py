@@ -129,6 +129,12 @@ class GenerativeModel(LeanLightningModule):
         generator = torch.Generator(device=self.device).manual_seed(_EVAL_SEED + batch_idx)
         return torch.randn(shape, generator=generator, device=self.device)
 
+    def set_example_input(self, *shape: int) -> None:
+        """One input of ``forward``'s shape, for Lightning's model summary to count the FLOPs
+        of one example (left out with ``compile``: it would compile for a batch of one)."""
+        if not self.compile_nets:
+            self.example_input_array = torch.zeros(1, *shape)
+
     def configure_model(self) -> None:
         """``model.compile=true``: torch.compile each network in place (parameter names,
         and with them checkpoints, stay as they are), once, when Lightning sets up."""

@@ -49,6 +49,7 @@ class GAN(GenerativeModel):
         self.latent_dim = latent_dim
         self.generator = net.decoder(latent_dim)
         self.discriminator = net.encoder(1)
+        self.set_example_input(latent_dim)
 
     def forward(self, z: Tensor) -> Tensor:
         """Images (pixel values in [0, 1]) generated from latent codes ``z``."""

@@ -1,12 +1,16 @@
-"""-log p(x | z) of genlab's two decoders, per image, summed over pixels, in nats.
+"""-log p(x | z) of genlab's decoders, per image, summed over pixels, in nats.
 
-    bce   Bernoulli, mean sigmoid(l):             -log p(x|z) = sum_pixels softplus(l) - x l
-    mse   Gaussian, mean sigmoid(l), variance 1/2: -log p(x|z) = sum_pixels (x - sigmoid(l))^2
-                                                                 + log(pi) / 2
+    bce         Bernoulli, mean sigmoid(l):  -log p(x|z) = sum_pixels softplus(l) - x l
+    cbernoulli  continuous Bernoulli:        -log p(x|z) = sum_pixels softplus(l) - x l - log C(l)
+    mse         Gaussian, mean sigmoid(l),   -log p(x|z) = sum_pixels (x - sigmoid(l))^2
+                variance 1/2:                                         + log(pi) / 2
 
 The Bernoulli likelihood is exact for binary x; on grey levels it is the usual
-cross-entropy, not a normalised density. The Gaussian's optimised term is exactly the
-squared error.
+cross-entropy, not a normalised density. The continuous Bernoulli (Loaiza-Ganem &
+Cunningham, 2019) adds the log normaliser C(l) that makes the same expression a
+density on [0, 1], so grey-level images get a true likelihood; its mean is not
+sigmoid(l) (see `pixel_mean`). The Gaussian's optimised term is exactly the squared
+error.
 """
 
 from __future__ import annotations
@@ -18,8 +22,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-ReconLoss = Literal["bce", "mse"]
+ReconLoss = Literal["bce", "cbernoulli", "mse"]
 GAUSSIAN_NLL_PER_PIXEL = 0.5 * math.log(math.pi)
+# Which likelihood each decoder gives, and on which pixels genlab-eval scores it.
+LIKELIHOODS = {
+    "bce": "Bernoulli likelihood of binary pixels",
+    "cbernoulli": "continuous Bernoulli density of grey levels in [0, 1] (a density: it can be "
+    "negative)",
+    "mse": "Gaussian density (variance 1/2) of grey levels (a density: it can be negative)",
+}
+# Below this |logit| the continuous Bernoulli's normaliser and mean are evaluated by their
+# Taylor series: the closed forms divide 0 by 0 at logit 0 (lambda = 0.5). At the switch
+# the series' first omitted terms are below 1e-9.
+_CB_SERIES_BELOW = 0.1
 
 
 def reconstruction_nll(logits: Tensor, x: Tensor, recon_loss: ReconLoss) -> Tensor:
@@ -31,6 +46,42 @@ def reconstruction_nll(logits: Tensor, x: Tensor, recon_loss: ReconLoss) -> Tens
     if recon_loss == "mse":
         squared_error = (torch.sigmoid(logits) - x).pow(2).flatten(-3)
         return squared_error.sum(-1) + squared_error.size(-1) * GAUSSIAN_NLL_PER_PIXEL
+    cross_entropy = _bernoulli_nll(logits, x)
+    if recon_loss == "cbernoulli":
+        return cross_entropy - cb_log_normalizer(logits).flatten(-3).sum(-1)
+    return cross_entropy
+
+
+def pixel_mean(logits: Tensor, recon_loss: ReconLoss) -> Tensor:
+    """The decoder's expected pixel values: sigmoid(l), or for the continuous Bernoulli
+    its mean sigmoid(l) / tanh(l/2) - 1/l (0.5 at l = 0)."""
+    if recon_loss != "cbernoulli":
+        return torch.sigmoid(logits)
+    small = logits.abs() < _CB_SERIES_BELOW
+    safe = torch.where(small, torch.ones_like(logits), logits)
+    closed = 0.5 / torch.tanh(0.5 * safe) + 0.5 - 1.0 / safe
+    series = 0.5 + logits / 12 - logits.pow(3) / 720
+    return torch.where(small, series, closed)
+
+
+def cb_log_normalizer(logits: Tensor) -> Tensor:
+    """log C(l) of the continuous Bernoulli with logit l, elementwise.
+
+    C(lambda) = 2 atanh(1 - 2 lambda) / (1 - 2 lambda), which for lambda = sigmoid(l) is
+    l / tanh(l / 2): even in l, log 2 at l = 0, where the series
+    log 2 + l^2/12 - 7 l^4/1440 takes over.
+    """
+    magnitude = logits.abs()
+    small = magnitude < _CB_SERIES_BELOW
+    safe = torch.where(small, torch.ones_like(magnitude), magnitude)
+    closed = torch.log(safe) - torch.log(torch.tanh(0.5 * safe))
+    square = logits.pow(2)
+    series = math.log(2.0) + square / 12 - 7.0 * square.pow(2) / 1440
+    return torch.where(small, series, closed)
+
+
+def _bernoulli_nll(logits: Tensor, x: Tensor) -> Tensor:
+    """sum_pixels softplus(l) - x l: the Bernoulli -log p(x|z) (cross-entropy on grey levels)."""
     if logits.requires_grad:  # training: torch's fused kernel of softplus(l) - x l
         bce = F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none")
         return bce.flatten(-3).sum(-1)

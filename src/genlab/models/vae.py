@@ -1,28 +1,35 @@
 """Variational autoencoder (Kingma & Welling, 2014) with a beta-weighted KL term (Higgins et al., 2017).
 
 q(z|x) = N(mu(x), diag(sigma(x)^2)), p(z) = N(0, I), p(x|z) Bernoulli on
-logits (recon_loss=bce) or Gaussian (mse). The optimised loss is
-recon + beta * KL; the true bound -ELBO = recon + KL is logged beside it.
-`log_importance_weights` gives the terms of the tighter importance-weighted
-bound (Burda et al., 2016) that evaluation uses to estimate log p(x).
+logits (recon_loss=bce), continuous Bernoulli (cbernoulli) or Gaussian (mse). The
+optimised loss is recon + beta * KL; the true bound -ELBO = recon + KL is logged
+beside it.
+
+With ``iw_samples = k > 1`` the model is an importance-weighted autoencoder (Burda
+et al., 2016): it draws k codes per image and optimises the tighter bound
+-log mean_k p(x, z_k) / q(z_k|x), logged as ``neg_iw_bound``. The same weights, with
+thousands of samples, are how evaluation estimates log p(x)
+(`log_importance_weights`).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Annotated
 
 import torch
 from torch import Tensor
 
 from genlab.models.base import GenerativeModel, OptimizerFactory, SchedulerFactory
-from genlab.models.likelihood import ReconLoss, reconstruction_nll
-from genlab.models.nets import Net, decode_cloud
+from genlab.models.likelihood import ReconLoss, pixel_mean, reconstruction_nll
+from genlab.models.nets import IMAGE_SHAPE, Net, decode_cloud
 from genlab.options import Range, checked
 
 
 class VAE(GenerativeModel):
-    """Logs ``*/loss``, ``*/neg_elbo``, ``*/recon`` and ``*/kl``: sums over pixels and
-    latent dims, averaged over examples, in nats."""
+    """Logs ``*/loss``, ``*/neg_elbo``, ``*/recon`` and ``*/kl`` (and ``*/neg_iw_bound``
+    when ``iw_samples > 1``): sums over pixels and latent dims, averaged over examples,
+    in nats."""
 
     metric_names = ("loss", "neg_elbo", "recon", "kl")
     visuals = ("recon", "samples", "latent", "manifold", "traversals", "interpolation")
@@ -36,6 +43,7 @@ class VAE(GenerativeModel):
         beta: Annotated[float, Range(0)] = 1.0,
         recon_loss: ReconLoss = "bce",
         kl_warmup_epochs: Annotated[int, Range(0)] = 0,
+        iw_samples: Annotated[int, Range(1)] = 1,
         compile: bool = False,
         scheduler: SchedulerFactory | None = None,
     ):
@@ -45,8 +53,12 @@ class VAE(GenerativeModel):
         self.beta = beta
         self.recon_loss = recon_loss
         self.kl_warmup_epochs = kl_warmup_epochs
+        self.iw_samples = iw_samples
+        if iw_samples > 1:
+            self.metric_names = (*type(self).metric_names, "neg_iw_bound")
         self.encoder = net.encoder(2 * latent_dim)
         self.decoder = net.decoder(latent_dim)
+        self.set_example_input(*IMAGE_SHAPE)
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Mean and log-variance of q(z|x)."""
@@ -62,7 +74,7 @@ class VAE(GenerativeModel):
         return self.encode(x)[0]
 
     def decode(self, z: Tensor) -> Tensor:
-        return torch.sigmoid(self.decoder(z))
+        return pixel_mean(self.decoder(z), self.recon_loss)
 
     def rank_latent_dims(self, x: Tensor) -> Tensor:
         """Latent dims by their mean KL on ``x``, largest first: the dims the model uses."""
@@ -98,9 +110,23 @@ class VAE(GenerativeModel):
                 for codes, image in zip(z, x)
             ]
         )
-        # log N(z; 0, I) - log N(z; mu, sigma^2): the log(2 pi) terms cancel.
-        log_pz_over_qz = 0.5 * (eps.pow(2) - z.pow(2) + logvar.unsqueeze(1)).sum(-1)
-        return log_px_given_z + log_pz_over_qz
+        return log_px_given_z + self._log_prior_over_posterior(z, eps, logvar)
+
+    @staticmethod
+    def _log_prior_over_posterior(z: Tensor, eps: Tensor, logvar: Tensor) -> Tensor:
+        """log N(z; 0, I) - log N(z; mu, sigma^2) for codes z = mu + sigma * eps of shape
+        (B, k, latent_dim): shape (B, k). The log(2 pi) terms cancel."""
+        return 0.5 * (eps.pow(2) - z.pow(2) + logvar.unsqueeze(1)).sum(-1)
+
+    def iw_terms(self, x: Tensor, eps: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """For codes z_k = mu + sigma * eps[:, k] (``eps``: (B, k, latent_dim)), per image and
+        sample: -log p(x|z_k) and log p(z_k) - log q(z_k|x), each (B, k); and the KL term
+        per latent dimension, (B, latent_dim). Differentiable: the training objective."""
+        mu, logvar = self.encode(x)
+        z = mu.unsqueeze(1) + torch.exp(0.5 * logvar).unsqueeze(1) * eps
+        logits = self.decoder(z.flatten(0, 1)).unflatten(0, eps.shape[:2])
+        recon = reconstruction_nll(logits, x.unsqueeze(1), self.recon_loss)
+        return recon, self._log_prior_over_posterior(z, eps, logvar), self.kl_per_dim(mu, logvar)
 
     def kl_weight(self, epochs_done: float) -> float:
         """beta, ramped linearly from 0 over the first ``kl_warmup_epochs`` epochs of training."""
@@ -110,19 +136,41 @@ class VAE(GenerativeModel):
 
     def step(self, batch: tuple[Tensor, Tensor], batch_idx: int, split: str) -> dict[str, Tensor]:
         x, _ = batch
-        shape = (x.size(0), self.latent_dim)
+        shape = (x.size(0), self.iw_samples, self.latent_dim)
         if split == "train":
             eps = torch.randn(shape, device=self.device)
         else:
             eps = self.eval_noise(shape, batch_idx)
-        recon, kl = self.elbo_terms(x, eps)
-        recon, kl = recon.mean(), kl.sum(1).mean()
-        metrics = {"neg_elbo": recon + kl, "recon": recon, "kl": kl}
         # Validation and test use the target beta so that val/loss compares
         # epochs on one scale (and picks the best checkpoint) during warm-up.
         beta = self.beta
+        metrics: dict[str, Tensor] = {}
         if split == "train" and self.kl_warmup_epochs > 0:
             epochs_done = self.current_epoch + batch_idx / max(1, self.trainer.num_training_batches)
             beta = self.kl_weight(epochs_done)
-            metrics["kl_weight"] = kl.new_tensor(beta)
-        return {"loss": recon + beta * kl, **metrics}
+            metrics["kl_weight"] = x.new_tensor(beta)
+        if self.iw_samples == 1:
+            recon, kl = self.elbo_terms(x, eps.squeeze(1))
+            recon, kl = recon.mean(), kl.sum(1).mean()
+            return {
+                "loss": recon + beta * kl,
+                "neg_elbo": recon + kl,
+                "recon": recon,
+                "kl": kl,
+                **metrics,
+            }
+        recon, log_prior_ratio, kl = self.iw_terms(x, eps)
+        log_k = math.log(self.iw_samples)
+        # beta weighs log p(z)/q(z|x) inside each weight: beta = 1 is the IWAE bound itself.
+        loss = log_k - torch.logsumexp(log_prior_ratio * beta - recon, dim=1)
+        bound = log_k - torch.logsumexp(log_prior_ratio - recon, dim=1)
+        # -ELBO as at iw_samples = 1: the reconstruction term averaged over the k codes.
+        recon, kl = recon.mean(), kl.sum(1).mean()
+        return {
+            "loss": loss.mean(),
+            "neg_elbo": recon + kl,
+            "recon": recon,
+            "kl": kl,
+            "neg_iw_bound": bound.mean(),
+            **metrics,
+        }
