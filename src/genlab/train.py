@@ -163,7 +163,8 @@ def _fit_and_test(
         raise SIGTERMException
 
     tested, val_metrics = _tested_weights(trainer)
-    (test_metrics,) = trainer.test(model, datamodule=datamodule, ckpt_path=tested)
+    # verbose=False: the summary below prints the test metrics, rounded.
+    (test_metrics,) = trainer.test(model, datamodule=datamodule, ckpt_path=tested, verbose=False)
 
     metrics: dict[str, Any] = {
         "status": "completed",
@@ -208,9 +209,12 @@ def _says_something(record: logging.LogRecord) -> bool:
 
 
 def _quiet_third_party_noise() -> None:
-    """Drop messages that say nothing about the run (`_NOISE`), and a deprecation inside
-    Lightning's own code that users cannot act on."""
+    """Drop messages that say nothing about the run (`_NOISE`), a deprecation inside
+    Lightning's own code that users cannot act on, and the warning that an epoch is shorter
+    than trainer.log_every_n_steps: short jobs meet it by design, and their per-epoch
+    metrics are logged whatever the interval."""
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller")
     lightning = logging.getLogger("pytorch_lightning.utilities.rank_zero")
     if _says_something not in lightning.filters:  # once per process, not once per sweep job
         lightning.addFilter(_says_something)
