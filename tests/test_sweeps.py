@@ -11,12 +11,14 @@ from pathlib import Path
 import pytest
 import yaml
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 from PIL import Image
 
 from commands import run_commands
 from genlab import report
 from genlab.cli import report_command
 from genlab.config import CONF_DIR
+from genlab.config.resolvers import sweep_label, swept_keys
 from test_ddp import DDP
 
 TINY = [
@@ -188,6 +190,9 @@ def test_parallel_and_cluster_launchers_run_every_job(sweeps, launcher):
     for job in "01":
         metrics = json.loads((sweep / job / "metrics.json").read_text())
         assert metrics["status"] == "completed"
+        # TensorBoard names each job's curves by what the sweep varied.
+        events = (sweep / job / "tensorboard" / f"latent_dim={2 + int(job)}").glob("events.*")
+        assert list(events)
     assert (sweep / "summary.md").is_file()
     if launcher == "joblib":
         # Two jobs at once share the cores instead of each taking them all.
@@ -226,6 +231,23 @@ def test_tensorboards_hparams_table_of_a_sweep_leads_with_the_swept_option(sweep
     assert (first.domain_interval.min_value, first.domain_interval.max_value) == (2, 3)
     assert not any(info.differs for info in experiment.hparam_infos[1:])
     assert "test/neg_elbo" in {info.name.tag for info in experiment.metric_infos}
+
+
+def test_a_sweep_job_is_named_by_the_options_the_sweep_varies():
+    multirun = OmegaConf.create(
+        {
+            "hydra": {
+                "sweeper": {"params": {"model.beta": "1,4", "model.latent_dim": "2,4", "seed": 3}},
+                "overrides": {"task": ["model.latent_dim=8", "model/net=conv,mlp", "data=mnist"]},
+            }
+        }
+    )
+    # A command-line value replaces the sweeper's param: latent_dim is fixed at 8 here.
+    assert swept_keys(multirun) == ["model.beta", "model/net"]
+    optuna = OmegaConf.load(CONF_DIR / "sweep" / "optuna_vae.yaml")
+    optuna.hydra.overrides = {"task": ["+sweep=optuna_vae"]}
+    assert swept_keys(optuna) == ["model.beta", "model.latent_dim", "model.optimizer.lr"]
+    assert sweep_label() == ""  # outside a multirun job
 
 
 def test_optuna_minimises_the_objective_the_jobs_report(sweeps):

@@ -20,3 +20,49 @@ def eval_dir(ckpt_path: Any, log_dir: Any) -> str:
 
 
 OmegaConf.register_new_resolver("genlab.eval_dir", eval_dir, replace=True)
+
+
+def swept_keys(multirun_config: Any) -> list[str]:
+    """The options a multirun varies: the keys of ``hydra.sweeper.params`` and of its command
+    line that hold a sweep (``1,4``, ``choice(2, 4)``, ``interval(0.1, 1)``), a
+    command-line value replacing a param's."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    params = multirun_config.hydra.sweeper.get("params") or {}
+    lines = [f"{key}={value}" for key, value in params.items() if isinstance(value, str)]
+    lines += list(multirun_config.hydra.overrides.task)
+    swept: dict[str, bool] = {}
+    for override in OverridesParser.create().parse_overrides(lines):
+        swept[override.key_or_group] = override.is_sweep_override()
+    return [key for key, is_sweep in swept.items() if is_sweep]
+
+
+def sweep_label() -> str:
+    """A sweep job's swept values, as a folder name (``latent_dim=2,beta=0.5``); empty for a
+    single run. TensorBoard names the job's curves and HParams row by it.
+
+    What the sweep varies comes from the multirun.yaml that Hydra's launchers write into
+    the sweep folder before the first job: jobs in other processes or on other machines
+    read the same file."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return ""
+    hydra = HydraConfig.get()
+    multirun = Path(hydra.sweep.dir) / "multirun.yaml"
+    try:
+        keys = swept_keys(OmegaConf.load(multirun))
+    except (OSError, ValueError, AttributeError):  # no launcher file: unnamed, as a single run
+        return ""
+    given = OverridesParser.create().parse_overrides(list(hydra.overrides.task))
+    values = {o.key_or_group: o.input_line.split("=", 1)[-1] for o in given}
+    short = [key.replace("/", ".").rsplit(".", 1)[-1] for key in keys]
+    names = short if len(set(short)) == len(short) else [k.replace("/", ".") for k in keys]
+    return ",".join(
+        f"{name}={values[key].replace('/', '-')}" for name, key in zip(names, keys) if key in values
+    )
+
+
+OmegaConf.register_new_resolver("genlab.sweep_label", sweep_label, replace=True)
