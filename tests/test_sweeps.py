@@ -8,6 +8,7 @@ import os
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from hydra import compose, initialize_config_dir
@@ -114,6 +115,33 @@ def test_the_report_of_a_partly_failed_and_still_running_sweep(tmp_path, capsys)
         with Image.open(sweep / figure) as image:
             assert image.width > 300 and image.height > 200
     assert str(sweep / "summary.md") in capsys.readouterr().out
+
+
+def test_the_latents_grid_puts_every_jobs_codes_on_one_scale(tmp_path):
+    spreads = {"0": 1.0, "1": 40.0}  # beta = 4 keeps codes near the prior; beta = 0 does not
+    for job, spread in spreads.items():
+        make_job(tmp_path, job, [f"model.beta={4 - 4 * int(job)}", "model.latent_dim=2"])
+        (tmp_path / job / "images").mkdir()
+        points = np.random.default_rng(0).normal(0.0, spread, (50, 2)).astype(np.float32)
+        np.savez(
+            tmp_path / job / "images" / "latent_final.npz",
+            points=points,
+            labels=np.arange(50) % 10,
+            axes=np.array(["z1", "z2"]),
+            note=np.array(""),
+            class_names=np.array([str(d) for d in range(10)]),
+        )
+    jobs = report.find_jobs(tmp_path)
+    scatters = [(job.folder.name, report._latent_points(job)) for job in jobs]
+    figure = report._plot_shared_scatters(scatters, tmp_path / "grid.png")
+    small, large = figure.axes[:2]
+    assert small.get_xlim() == large.get_xlim() and small.get_ylim() == large.get_ylim()
+    assert small.get_xlim()[1] > 40  # the wide job's range: the narrow one looks narrow
+    assert report.plot_latents_grid(jobs, tmp_path / report.LATENTS_GRID)
+
+    # A file that is not a plain array file is ignored, and the pictures are tiled instead.
+    (tmp_path / "1" / "images" / "latent_final.npz").write_bytes(b"not an npz")
+    assert report._latent_points(report.find_jobs(tmp_path)[1]) is None
 
 
 def test_the_report_of_a_folder_without_jobs_is_a_clear_error(tmp_path, capsys):

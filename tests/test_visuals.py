@@ -58,6 +58,10 @@ def test_a_2d_vae_run_logs_curves_and_its_pictures(make_cfg, tmp_path, caplog):
         )
     )
     run_dir = tmp_path / "run"
+    # The final scatter's points are saved as plain arrays, for the sweep report.
+    with np.load(run_dir / "images" / "latent_final.npz", allow_pickle=False) as saved:
+        assert saved["points"].shape == (len(saved["labels"]), 2)
+        assert list(saved["axes"]) == ["z1", "z2"] and len(saved["class_names"]) == 10
     events = read_events(run_dir)
     scalars = set(events.Tags()["scalars"])
     assert {"train/loss", "train/loss_step", "val/loss", "test/neg_elbo"} <= scalars

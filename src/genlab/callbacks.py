@@ -22,6 +22,7 @@ from genlab.errors import GenlabError
 from genlab.models.base import GenerativeModel
 from genlab.options import Range, checked
 from genlab.projector import write_embedding
+from genlab.rundir import LATENT_POINTS_FILE
 
 # Every picture a family may declare in its ``visuals``. manifold needs a 2-D latent
 # space and traversals more than two dims; the others apply to any family declaring them.
@@ -122,6 +123,8 @@ class ImageLogger(pl.Callback):
         else:
             images = self.draw(trainer, pl_module)
             self._publish(trainer, images, "final")
+        if "latent" in images:
+            self._save_latent_points()
         if self.projector_points and "latent" in pl_module.visuals:
             self._add_embedding(trainer, pl_module)
 
@@ -161,12 +164,14 @@ class ImageLogger(pl.Callback):
         if "latent" in declared:
             test_images, labels = splits["test"]
             end = self.latent_points
+            codes = model.embed_all(test_images[:end])
             images["latent"] = visuals.latent_scatter(
-                model.embed_all(test_images[:end]),
+                codes,
                 labels[:end],
                 datamodule.class_names,
                 f"{type(model).__name__} codes of {len(labels[:end])} test images",
             )
+            self._latent_codes = (codes, labels[:end], datamodule.class_names)
         if "manifold" in declared and latent_dim == 2:
             codes = visuals.manifold_codes(self.manifold_size, self.latent_range)
             extent = f"{self.latent_range:g}"
@@ -219,6 +224,23 @@ class ImageLogger(pl.Callback):
             encoded[tag] = _png(image)
             (self.dirpath / f"{tag}_{suffix}.png").write_bytes(encoded[tag])
         return encoded
+
+    def _save_latent_points(self) -> None:
+        """The final latent scatter's points as data (``LATENT_POINTS_FILE``): a sweep report
+        draws every job's on one scale."""
+        import numpy as np
+
+        codes, labels, class_names = self._latent_codes
+        points, axes, note = visuals.latent_points(codes, labels)
+        with (self.dirpath / LATENT_POINTS_FILE).open("wb") as f:
+            np.savez(
+                f,
+                points=points.numpy(),
+                labels=labels.numpy(),
+                axes=np.array(axes),
+                note=np.array(note),
+                class_names=np.array(class_names),
+            )
 
     def _add_embedding(self, trainer: pl.Trainer, model: GenerativeModel) -> None:
         """Test-set codes for TensorBoard's Projector, labelled by class name, with the images."""

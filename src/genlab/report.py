@@ -9,7 +9,7 @@ with its ``metrics.json`` when the job has finished, and writes into SWEEP_DIR:
     summary.md              the same table, the best finished job marked
     rate_distortion.png     test KL against test reconstruction, one line per latent_dim (VAE)
     metric_vs_latent_dim.png  test -ELBO (and NLL when evaluated) against latent_dim, one line per beta
-    latents_grid.png        every job's final latent scatter (or manifold), labelled
+    latents_grid.png        every job's final latent scatter on one scale (or its manifold), labelled
 
 Jobs without a metrics.json (still running, or killed) are listed as ``unfinished``. A
 multirun writes its report by itself when its last job ends (`SweepReport`).
@@ -34,7 +34,7 @@ from omegaconf import DictConfig
 
 from genlab.continuation import last_attempts
 from genlab.errors import GenlabError
-from genlab.rundir import METRICS_FILE
+from genlab.rundir import LATENT_POINTS_FILE, METRICS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -350,12 +350,73 @@ def plot_metric_vs_latent_dim(jobs: list[Job], path: Path) -> bool:
 
 
 def plot_latents_grid(jobs: list[Job], path: Path) -> bool:
-    """Every job's final latent scatter (or manifold, or samples) side by side."""
+    """Every job's final latent scatter side by side, on one scale when every job saved its
+    points with the same axes (so that the spread of the codes compares across jobs);
+    otherwise each job's picture (scatter, manifold or samples) as it is."""
+    keys = swept_keys(jobs)
+    labelled = [(_short(job, keys) or job.folder.name, job) for job in jobs]
+    scatters = [(label, points) for label, job in labelled if (points := _latent_points(job))]
+    same_axes = len({tuple(points["axes"]) for _, points in scatters}) == 1
+    if scatters and len(scatters) == len(labelled) and same_axes:
+        _plot_shared_scatters(scatters, path)
+        return True
+    return _tile_pictures(labelled, path)
+
+
+def _latent_points(job: Job) -> dict[str, Any] | None:
+    """The job's saved latent scatter points (plain arrays, no pickles), or None."""
+    import numpy as np
+
+    try:
+        with np.load(job.folder / "images" / LATENT_POINTS_FILE, allow_pickle=False) as data:
+            points = {key: data[key] for key in ("points", "labels", "axes", "note", "class_names")}
+    except (OSError, KeyError, ValueError):
+        return None
+    ok = points["points"].ndim == 2 and points["points"].shape[1] == 2
+    return points if ok and len(points["labels"]) == len(points["points"]) else None
+
+
+def _grid_shape(count: int) -> tuple[int, int]:
+    cols = math.ceil(math.sqrt(count))
+    return math.ceil(count / cols), cols
+
+
+def _plot_shared_scatters(scatters: list[tuple[str, dict[str, Any]]], path: Path) -> Any:
+    from matplotlib import colormaps
+    from matplotlib.lines import Line2D
+
+    rows, cols = _grid_shape(len(scatters))
+    figure = _figure(3.2 * cols, 3.0 * rows + 0.4)
+    axes = figure.subplots(rows, cols, sharex=True, sharey=True, squeeze=False).flatten()
+    palette = colormaps["tab10"]
+    for ax, (label, data) in zip(axes, scatters):
+        xy, classes = data["points"], data["labels"]
+        ax.scatter(xy[:, 0], xy[:, 1], c=palette(classes % 10), s=2, linewidths=0)
+        note = str(data["note"])
+        ax.set_title(label + (f"\n{note}" if note else ""), fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in axes[len(scatters) :]:
+        ax.set_visible(False)
+    x_name, y_name = (str(name) for name in scatters[0][1]["axes"])
+    figure.supxlabel(x_name)
+    figure.supylabel(y_name)
+    figure.suptitle("Codes of test images, coloured by class, on one scale", fontsize=10)
+    classes = [str(name) for name in scatters[0][1]["class_names"]]
+    handles = [
+        Line2D([], [], marker="o", linestyle="", color=palette(i % 10), label=name)
+        for i, name in enumerate(classes)
+    ]
+    figure.tight_layout(rect=(0, 0, 0.85, 1))
+    figure.legend(handles=handles, loc="center right", fontsize=7, frameon=False)
+    figure.savefig(path)
+    return figure
+
+
+def _tile_pictures(labelled: list[tuple[str, Job]], path: Path) -> bool:
     from PIL import Image
 
-    keys = swept_keys(jobs)
     pictures = []
-    for job in jobs:
+    for label, job in labelled:
         found = next(
             (
                 job.folder / "images" / name
@@ -365,11 +426,10 @@ def plot_latents_grid(jobs: list[Job], path: Path) -> bool:
             None,
         )
         if found is not None:
-            pictures.append((_short(job, keys) or job.folder.name, found))
+            pictures.append((label, found))
     if not pictures:
         return False
-    cols = math.ceil(math.sqrt(len(pictures)))
-    rows = math.ceil(len(pictures) / cols)
+    rows, cols = _grid_shape(len(pictures))
     figure = _figure(3.2 * cols, 3.0 * rows)
     for index, (label, picture) in enumerate(pictures):
         ax = figure.add_subplot(rows, cols, index + 1)

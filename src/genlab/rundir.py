@@ -8,7 +8,8 @@ Layout of a run directory::
     train.log          the console log
     tensorboard/       event files and hparams.yaml
     checkpoints/       last.ckpt and best-epochNNN.ckpt (the best by val/loss)
-    images/            the pictures, per epoch and final
+    images/            the pictures, per epoch and final; latent_final.npz, the final latent
+                       scatter's points
     metrics.json       status; test metrics (and validation numbers of the tested weights) after fit
     .genlab.lock       while a genlab command works in the directory (see `owned`)
 """
@@ -40,6 +41,8 @@ METRICS_FILE = "metrics.json"
 CONFIG_DIR = ".hydra"
 ENVIRONMENT_FILE = "environment.json"
 LOCK_FILE = ".genlab.lock"
+# In images/: the points of the final latent scatter (see genlab.visuals.latent_points).
+LATENT_POINTS_FILE = "latent_final.npz"
 # Distributions whose versions decide a run's numbers, recorded in environment.json.
 _PACKAGES = (
     "genlab",

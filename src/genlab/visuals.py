@@ -96,6 +96,20 @@ def pca_2d(codes: Tensor) -> tuple[Tensor, float]:
     return centred @ v[:2].T, float(variance[:2].sum() / variance.sum())
 
 
+def latent_points(codes: Tensor, labels: Tensor) -> tuple[Tensor, tuple[str, str], str]:
+    """What the latent scatter plots: 2-D points for ``codes`` (the codes themselves, their
+    PCA when they have more dims, or one dim against the class), the axis names, and a note
+    for the title ("" for plain latent dims)."""
+    codes, labels = codes.detach().float().cpu(), labels.cpu().long()
+    if codes.size(1) > 2:
+        points, kept = pca_2d(codes)
+        return points, ("PC 1", "PC 2"), f"PCA of {codes.size(1)}-D codes ({kept:.0%} of variance)"
+    if codes.size(1) == 2:
+        return codes, ("z1", "z2"), ""
+    # One latent dim: spread the classes vertically so they stay apart.
+    return torch.stack([codes[:, 0], labels.float()], dim=1), ("z1", "class"), ""
+
+
 def latent_scatter(codes: Tensor, labels: Tensor, class_names: list[str], title: str) -> Tensor:
     """A scatter plot of 2-D (or, by PCA, higher-dimensional) codes coloured by class.
 
@@ -103,16 +117,10 @@ def latent_scatter(codes: Tensor, labels: Tensor, class_names: list[str], title:
     """
     import numpy as np
 
-    codes, labels = codes.detach().float().cpu(), labels.cpu().long()
-    if codes.size(1) > 2:
-        points, kept = pca_2d(codes)
-        title = f"{title}\nPCA of {codes.size(1)}-D codes ({kept:.0%} of variance)"
-        axis_names = ("PC 1", "PC 2")
-    elif codes.size(1) == 2:
-        points, axis_names = codes, ("z1", "z2")
-    else:  # one latent dim: spread the classes vertically so they stay apart
-        points = torch.stack([codes[:, 0], labels.float()], dim=1)
-        axis_names = ("z1", "class")
+    labels = labels.cpu().long()
+    points, axis_names, note = latent_points(codes, labels)
+    if note:
+        title = f"{title}\n{note}"
 
     figure, ax, points_image, palette = _scatter_figure(tuple(class_names))
     xy = points.numpy()
