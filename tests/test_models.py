@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.distributions import Bernoulli, ContinuousBernoulli, Normal, kl_divergence
 
-from genlab.errors import GenlabError
+from genlab.errors import GenlabError, TrainingDiverged
 from genlab.models import AE, GAN, VAE
 from genlab.models.likelihood import (
     cb_log_normalizer,
@@ -258,3 +258,11 @@ def test_the_importance_weighted_bound_is_the_one_evaluation_estimates_and_is_ti
     torch.testing.assert_close(trained, estimated, rtol=1e-4, atol=1e-3)
     # Jensen: -log mean(w) <= mean(-log w), the one-sample -ELBO on the same codes.
     assert (trained <= (recon - log_prior_ratio).mean(1) + 1e-4).all()
+
+
+def test_no_checkpoint_is_built_from_weights_that_are_not_finite():
+    vae = VAE(MLP([8]), ADAM, latent_dim=2)
+    with torch.no_grad():
+        vae.decoder[0].weight[0, 0] = float("nan")
+    with pytest.raises(TrainingDiverged, match="decoder.0.weight"):
+        vae.on_save_checkpoint({})

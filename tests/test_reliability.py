@@ -26,6 +26,7 @@ from conftest import FAST
 from genlab import rundir
 from genlab.errors import GenlabError
 from genlab.models import VAE
+from genlab.models.lean import LeanLightningModule
 from genlab.train import train
 
 
@@ -78,7 +79,27 @@ def _send_ctrl_c_at(monkeypatch, epoch: int, batch: int) -> None:
     monkeypatch.setattr(VAE, "training_step", training_step)
 
 
-def test_resumed_runs_end_exactly_as_uninterrupted_ones(make_cfg, tmp_path, monkeypatch):
+@pytest.fixture(params=["host", "device"])
+def metric_sums(request, monkeypatch) -> str:
+    """Training metrics summed as host floats (a CPU's way) or on the device without a read
+    per step (a GPU's way, tried here on the CPU)."""
+    monkeypatch.setattr(LeanLightningModule, "metric_sums", request.param)
+    return request.param
+
+
+def test_sums_kept_on_the_device_give_the_hosts_numbers(make_cfg, tmp_path, monkeypatch):
+    settings = ("model=vae", "trainer.max_epochs=2", "trainer.log_every_n_steps=2")
+    host = train(make_cfg(*settings, run_dir=tmp_path / "host"))
+    monkeypatch.setattr(LeanLightningModule, "metric_sums", "device")
+    device = train(make_cfg(*settings, run_dir=tmp_path / "device"))
+    assert split_metrics(device) == split_metrics(host)
+    for tag in ("train/loss", "train/loss_step"):
+        assert scalars(tmp_path / "device", tag) == scalars(tmp_path / "host", tag)
+
+
+def test_resumed_runs_end_exactly_as_uninterrupted_ones(
+    make_cfg, tmp_path, monkeypatch, metric_sums
+):
     # The halving schedule makes the second epoch depend on the restored scheduler state.
     halving = "{_target_:torch.optim.lr_scheduler.StepLR,_partial_:true,step_size:1,gamma:0.5}"
     settings = (
@@ -143,7 +164,7 @@ def test_a_resumed_run_continues_its_csv_log(make_cfg, tmp_path):
 
 
 def test_a_diverging_run_stops_keeps_its_last_good_checkpoint_and_says_so(
-    make_cfg, tmp_path, monkeypatch
+    make_cfg, tmp_path, monkeypatch, metric_sums
 ):
     step = VAE.step
 
@@ -156,8 +177,14 @@ def test_a_diverging_run_stops_keeps_its_last_good_checkpoint_and_says_so(
     monkeypatch.setattr(VAE, "step", step_that_blows_up)
     metrics = train(make_cfg("model=vae", "trainer.max_epochs=2"))
 
-    assert metrics["status"] == "diverged" and metrics["global_step"] == 4
-    assert "train/loss=nan" in metrics["message"] and "model.optimizer.lr" in metrics["message"]
+    assert metrics["status"] == "diverged"
+    if metric_sums == "host":  # read at every step: stopped at the step itself
+        assert metrics["global_step"] == 4 and "train/loss=nan" in metrics["message"]
+    else:  # read at the epoch's last step, before its pictures and checkpoint
+        assert metrics["global_step"] == 5
+        assert "Training diverged: train/loss, " in metrics["message"]
+        assert "became NaN or infinite in epoch 1" in metrics["message"]
+    assert "model.optimizer.lr" in metrics["message"]
     assert json.loads((tmp_path / "run" / "metrics.json").read_text()) == metrics
     last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt")
     assert last["epoch"] == 0 and last["global_step"] == 3  # saved at the end of epoch 0

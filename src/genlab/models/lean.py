@@ -49,23 +49,67 @@ class _EpochSums:
         self.count += batch_size
 
 
-class LeanLightningModule(pl.LightningModule):
-    """A LightningModule whose training metrics cost one read per step.
+class _DeviceSums:
+    """Running sums over the examples of one training epoch kept on the device, with a
+    flag that a value was NaN or infinite: a step adds to them without waiting for the
+    device, and the host reads them only when it must (`LeanLightningModule.check_finite`)."""
 
-    `log_metrics` reads a training step's metrics to the host once (which is also how a
-    NaN or infinite loss stops training, with `TrainingDiverged`, before anything is
-    saved from the broken weights), sums them in Python over the epoch, and hands them
-    to Lightning only on the steps it writes out (``train/<name>_step``, every
-    ``trainer.log_every_n_steps``) and at the end of the epoch (``train/<name>``).
-    Validation and test metrics go to Lightning's ``self.log`` as usual.
+    def __init__(self) -> None:
+        self.names: tuple[str, ...] = ()
+        self.totals: Tensor | None = None
+        self.bad: Tensor | None = None
+        self.count = 0
+
+    def add(self, metrics: dict[str, Tensor], batch_size: int) -> None:
+        values = torch.stack([value.detach() for value in metrics.values()])
+        # Sums over an epoch's steps in float64, as the host's Python floats (MPS has none).
+        values = values.to(torch.float32 if values.device.type == "mps" else torch.float64)
+        bad = ~torch.isfinite(values)
+        if self.totals is None:
+            self.names, self.totals, self.bad = tuple(metrics), values * batch_size, bad
+        else:
+            self.totals.add_(values, alpha=batch_size)
+            self.bad.logical_or_(bad)
+        self.count += batch_size
+
+    def host(self) -> _EpochSums:
+        """The sums as host floats (one read from the device)."""
+        if self.totals is None:
+            return _EpochSums()
+        return _EpochSums(dict(zip(self.names, self.totals.tolist())), self.count)
+
+    def non_finite(self) -> list[str]:
+        """Names of the metrics that were NaN or infinite at some step so far (one read)."""
+        if self.bad is None:
+            return []
+        return [name for name, bad in zip(self.names, self.bad.tolist()) if bad]
+
+
+class LeanLightningModule(pl.LightningModule):
+    """A LightningModule whose training metrics cost at most one read per step.
+
+    On a CPU, `log_metrics` reads a training step's metrics to the host once (which is
+    also how a NaN or infinite loss stops training, with `TrainingDiverged`, at that
+    step) and sums them in Python over the epoch. On a GPU, where such a read waits for
+    the device to finish the step, it adds them to sums on the device instead, and the
+    host reads those, with a NaN flag, only on the steps Lightning writes out (every
+    ``trainer.log_every_n_steps``), on the epoch's last step and before any checkpoint
+    is saved: training stops within ``log_every_n_steps`` steps of a NaN, and never saves
+    weights from after it. The metrics go to Lightning only on the steps it writes out
+    (``train/<name>_step``) and at the end of the epoch (``train/<name>``). Validation
+    and test metrics go to Lightning's ``self.log`` as usual.
     """
 
     # What the progress bar shows of the logged metrics.
     prog_bar_metrics: tuple[str, ...] = ("loss",)
 
+    # Where a step's training metrics are summed: "host" (Python floats, read every step)
+    # or "device" (no read until the host needs them). "auto": host on a CPU, else device.
+    metric_sums: str = "auto"
+
     def __init__(self) -> None:
         super().__init__()
-        self._epoch_sums = _EpochSums()
+        self._epoch_sums: _EpochSums | _DeviceSums = _EpochSums()
 
     def __setattr__(self, name: str, value: Any) -> None:
         # Lightning records the hook it is in before and after every hook call (about 46
@@ -82,22 +126,50 @@ class LeanLightningModule(pl.LightningModule):
         if split != "train":
             self._log(split, metrics, batch_size=batch_size)
             return
-        values = _floats(metrics.values())
-        bad = [f"train/{k}={v}" for k, v in zip(metrics, values) if not math.isfinite(v)]
-        if bad:
-            raise TrainingDiverged(
-                f"Training diverged: {', '.join(bad)} at epoch {self.current_epoch}, "
-                f"step {self.global_step}."
-            )
-        self._epoch_sums.add(metrics, values, batch_size)
-        if private_api.writes_step_logs(self.trainer):
+        writes = private_api.writes_step_logs(self.trainer)
+        sums = self._epoch_sums
+        if isinstance(sums, _DeviceSums):
+            sums.add(metrics, batch_size)
+            # At the epoch's last step too: before validation, pictures and checkpoints
+            # use the weights.
+            if writes or self.trainer.is_last_batch:
+                self.check_finite()
+        else:
+            values = _floats(metrics.values())
+            bad = [f"train/{k}={v}" for k, v in zip(metrics, values) if not math.isfinite(v)]
+            if bad:
+                raise TrainingDiverged(
+                    f"Training diverged: {', '.join(bad)} at epoch {self.current_epoch}, "
+                    f"step {self.global_step}."
+                )
+            sums.add(metrics, values, batch_size)
+        if writes:
             self._log("train", metrics, on_step=True, batch_size=batch_size)
 
+    def check_finite(self) -> None:
+        """Raise `TrainingDiverged` if a training metric summed on the device was NaN or
+        infinite since the epoch began (a read from the device; nothing to do on the host)."""
+        sums = self._epoch_sums
+        if isinstance(sums, _DeviceSums) and (bad := sums.non_finite()):
+            names = ", ".join(f"train/{name}" for name in bad)
+            raise TrainingDiverged(
+                f"Training diverged: {names} became NaN or infinite in epoch "
+                f"{self.current_epoch}, by step {self.global_step}."
+            )
+
+    def _sums_on_device(self) -> bool:
+        if self.metric_sums == "auto":
+            return self.device.type != "cpu"
+        return self.metric_sums == "device"
+
     def on_train_epoch_start(self) -> None:
-        self._epoch_sums = _EpochSums()
+        self._epoch_sums = _DeviceSums() if self._sums_on_device() else _EpochSums()
 
     def on_train_epoch_end(self) -> None:
+        self.check_finite()
         epoch = self._epoch_sums
+        if isinstance(epoch, _DeviceSums):
+            epoch = epoch.host()
         if epoch.count:
             # Summed over all processes (DDP), count last, before dividing: the exact mean.
             totals = torch.tensor([*epoch.sums.values(), float(epoch.count)], device=self.device)
@@ -141,7 +213,17 @@ class LeanLightningModule(pl.LightningModule):
                 )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Raising here stops the save before anything is written.
+        self.check_finite()
+        broken = [n for n, p in self.named_parameters() if not torch.isfinite(p).all()]
+        if broken:
+            raise TrainingDiverged(
+                f"Training diverged: the weights {', '.join(broken[:3])} became NaN or "
+                f"infinite in epoch {self.current_epoch}, by step {self.global_step}."
+            )
         sums = self._epoch_sums
+        if isinstance(sums, _DeviceSums):
+            sums = sums.host()
         checkpoint[_EPOCH_SUMS_KEY] = {"sums": dict(sums.sums), "count": sums.count}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -150,3 +232,14 @@ class LeanLightningModule(pl.LightningModule):
         saved = checkpoint.get(_EPOCH_SUMS_KEY)
         if saved is not None:
             self._epoch_sums = _EpochSums(saved["sums"], saved["count"])
+            if self._sums_on_device() and saved["count"]:
+                self._epoch_sums = self._resumed_on_device(self._epoch_sums)
+
+    def _resumed_on_device(self, sums: _EpochSums) -> _DeviceSums:
+        device_sums = _DeviceSums()
+        device_sums.names = tuple(sums.sums)
+        dtype = torch.float32 if self.device.type == "mps" else torch.float64
+        device_sums.totals = torch.tensor(list(sums.sums.values()), dtype=dtype, device=self.device)
+        device_sums.bad = torch.zeros(len(sums.sums), dtype=torch.bool, device=self.device)
+        device_sums.count = sums.count
+        return device_sums
