@@ -2,8 +2,9 @@
 
     python scripts/results.py [RESULTS_DIR]     (default: outputs/results)
 
-Writes docs/figures/{seed_vs_no_kl,samples,rate_distortion}.png and prints the
-tables in Markdown. Needs every stage's run; a missing one is named.
+Writes docs/figures/{seed_vs_no_kl,samples,dcgan_samples,rate_distortion}.png and
+prints the tables in Markdown. A stage that has not been run is named and left out,
+with the figures that need it (their files stay as they are).
 """
 
 from __future__ import annotations
@@ -39,9 +40,13 @@ def _wall(folder: Path) -> int | None:
     return int(wall.read_text()) if wall.is_file() else None
 
 
-def _stage(results: Path, name: str) -> dict:
-    """A stage's training metrics, evaluation metrics (if evaluated), wall time and commit."""
+def _stage(results: Path, name: str) -> dict | None:
+    """A stage's training metrics, evaluation metrics (if evaluated), wall time and commit;
+    None for a stage not run."""
     folder = results / name
+    if not (folder / "run" / "metrics.json").is_file():
+        print(f"({name}: not run, left out)", file=sys.stderr)
+        return None
     commit = folder / "commit"
     evaluation_file = folder / "eval" / "metrics.json"
     train = _read(folder / "run" / "metrics.json")
@@ -97,41 +102,54 @@ def code_spread(ckpt: Path, images: torch.Tensor) -> dict[str, float]:
     }
 
 
+def _samples_figure(stages: dict, names: list[str], path: Path) -> None:
+    """The final samples of each named stage side by side, titled with its FID."""
+    if any(stages.get(name) is None for name in names):
+        return
+    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 4.4))
+    for ax, name in zip(axes, names):
+        fid = stages[name]["eval"].get("test/fid")
+        # The AE's samples decode a Gaussian fitted to its codes: samples_fitted_gaussian_final.png.
+        (samples,) = stages[name]["images"].glob("samples*_final.png")
+        _show(ax, samples, f"{name}: FID {_fmt(fid, 1)}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
 def main(results: Path) -> None:
     names = ["seed_vae_mnist", "seed_vae_mnist_no_kl", "vae_mnist_nll"]
-    names += ["ae_fashion", "gan_mnist", "gan_fashion"]
+    names += ["vae_mnist_nll_30", "iwae_mnist_nll_30", "cbernoulli_vae_mnist"]
+    names += ["ae_fashion", "gan_mnist", "gan_fashion", "dcgan_mnist", "dcgan_fashion"]
     stages = {name: _stage(results, name) for name in names}
     sweep = results / "latent_beta_sweep"
     FIGURES.mkdir(parents=True, exist_ok=True)
     plt.switch_backend("Agg")
 
     # The seed VAE beside the same model without its KL term.
-    fig, axes = plt.subplots(2, 3, figsize=(12, 8.4))
-    for row, name in zip(axes, ["seed_vae_mnist", "seed_vae_mnist_no_kl"]):
-        images = stages[name]["images"]
-        label = "with KL (beta = 1)" if name == "seed_vae_mnist" else "KL missing (beta = 0)"
-        _show(row[0], images / "manifold_final.png", f"{label}: manifold, [-3, 3]²")
-        _show(row[1], images / "samples_final.png", f"{label}: prior samples")
-        _show(row[2], images / "latent_final.png", f"{label}: test codes")
-    fig.tight_layout()
-    fig.savefig(FIGURES / "seed_vs_no_kl.png", dpi=90)
+    if stages["seed_vae_mnist"] and stages["seed_vae_mnist_no_kl"]:
+        fig, axes = plt.subplots(2, 3, figsize=(12, 8.4))
+        for row, name in zip(axes, ["seed_vae_mnist", "seed_vae_mnist_no_kl"]):
+            images = stages[name]["images"]
+            label = "with KL (beta = 1)" if name == "seed_vae_mnist" else "KL missing (beta = 0)"
+            _show(row[0], images / "manifold_final.png", f"{label}: manifold, [-3, 3]²")
+            _show(row[1], images / "samples_final.png", f"{label}: prior samples")
+            _show(row[2], images / "latent_final.png", f"{label}: test codes")
+        fig.tight_layout()
+        fig.savefig(FIGURES / "seed_vs_no_kl.png", dpi=90)
 
-    fig, axes = plt.subplots(1, 3, figsize=(12, 4.4))
-    for ax, name in zip(axes, ["gan_mnist", "gan_fashion", "ae_fashion"]):
-        fid = stages[name]["eval"].get("test/fid")
-        # The AE's samples decode a Gaussian fitted to its codes: samples_fitted_gaussian_final.png.
-        (samples,) = stages[name]["images"].glob("samples*_final.png")
-        _show(ax, samples, f"{name}: FID {_fmt(fid, 1)}")
-    fig.tight_layout()
-    fig.savefig(FIGURES / "samples.png", dpi=90)
+    _samples_figure(stages, ["gan_mnist", "gan_fashion", "ae_fashion"], FIGURES / "samples.png")
+    _samples_figure(stages, ["dcgan_mnist", "dcgan_fashion"], FIGURES / "dcgan_samples.png")
     plt.close("all")
-    shutil.copyfile(sweep / "rate_distortion.png", FIGURES / "rate_distortion.png")
+    if (sweep / "rate_distortion.png").is_file():
+        shutil.copyfile(sweep / "rate_distortion.png", FIGURES / "rate_distortion.png")
 
     print(f"Machine: {cpu_name()}, {os.cpu_count()} cores; torch {torch.__version__}\n")
     header = "| experiment | commit | test −ELBO | test NLL (K=5000) | FID | IS | training | evaluation |"
     print(header)
     print("|---|---|---|---|---|---|---|---|")
     for name, stage in stages.items():
+        if stage is None:
+            continue
         ev = stage["eval"]
         row = [
             f"`{name}`",
@@ -145,6 +163,14 @@ def main(results: Path) -> None:
         ]
         print("| " + " | ".join(row) + " |")
 
+    _code_spread_table(results, stages)
+    _nll_lines(stages)
+    _sweep_table(sweep)
+
+
+def _code_spread_table(results: Path, stages: dict) -> None:
+    if not (stages["seed_vae_mnist"] and stages["seed_vae_mnist_no_kl"]):
+        return
     print("\n| | test KL | std of the codes | largest \\|code\\| | codes outside [-3, 3] |")
     print("|---|---|---|---|---|")
     test_images = mnist_test_images(os.environ.get("GENLAB_DATA_DIR", "./data"))
@@ -157,9 +183,19 @@ def main(results: Path) -> None:
             f"| {100 * spread['outside_3']:.1f}% |"
         )
 
+
+def _nll_lines(stages: dict) -> None:
+    if stages["vae_mnist_nll"] is None:
+        return
     nll = stages["vae_mnist_nll"]["eval"].get("test/nll")
     print(f"\nvae_mnist_nll: test NLL {_fmt(nll)} nats; Burda et al. {BURDA_VAE_NLL}; ", end="")
     print(f"gap {_fmt(None if nll is None else nll - BURDA_VAE_NLL)} nats")
+
+
+def _sweep_table(sweep: Path) -> None:
+    if not (sweep / "summary.csv").is_file():
+        print("(latent_beta_sweep: not run, left out)", file=sys.stderr)
+        return
     print(f"\nSweep ({_minutes(_wall(sweep))}), from {sweep / 'summary.csv'}:\n")
     columns = {
         "model.latent_dim": "latent_dim",
