@@ -290,6 +290,44 @@ def test_optuna_minimises_the_objective_the_jobs_report(sweeps):
     assert {"model.beta", "model.latent_dim", "model.optimizer.lr"} == best["best_params"].keys()
 
 
+def test_a_stopped_optuna_sweep_continues_its_study(data_dir, tmp_path):
+    import optuna
+
+    sweep = tmp_path / "optuna"
+    command = ["-m", "+sweep=optuna_vae", *TINY[1:], f"hydra.sweep.dir={sweep}"]
+    (first,) = run_commands(
+        "genlab-train", [{"args": [*command, "hydra.sweeper.n_trials=2"]}], data_dir, tmp_path
+    )
+    assert first["code"] == 0, first["stderr"][-3000:]
+    # The sweep is killed while its third trial runs: the study says the trial is running.
+    storage = f"sqlite:///{sweep / 'optuna.db'}"
+    distributions = {  # as the sweeper reads +sweep=optuna_vae's params
+        "model.beta": optuna.distributions.UniformDistribution(0.25, 4.0),
+        "model.latent_dim": optuna.distributions.CategoricalDistribution([2, 4, 8, 16, 32]),
+        "model.optimizer.lr": optuna.distributions.LogUniformDistribution(1e-4, 1e-2),
+    }
+    stopped = optuna.load_study(study_name="genlab", storage=storage).ask(distributions)
+
+    (again,) = run_commands(
+        "genlab-train", [{"args": [*command, "hydra.sweeper.n_trials=4"]}], data_dir, tmp_path
+    )
+    assert again["code"] == 0, again["stderr"][-3000:]
+    assert "Continuing Optuna study 'genlab': 2 trials finished earlier, 2 to go from job 3" in (
+        again["stdout"] + again["stderr"]
+    )
+    trials = optuna.load_study(study_name="genlab", storage=storage).trials
+    states = [t.state.name for t in trials]
+    assert states == ["COMPLETE", "COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
+    assert trials[3].params == stopped.params  # the stopped trial, proposed again first
+    # Each trial's job folder is numbered as the study numbers the trial.
+    for number in (0, 1, 3, 4):
+        metrics = json.loads((sweep / str(number) / "metrics.json").read_text())
+        assert metrics["val/neg_elbo"] == pytest.approx(trials[number].value)
+    assert not (sweep / "2").exists()
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert best["best_value"] == min(t.value for t in trials if t.value is not None)
+
+
 @pytest.mark.parametrize(
     ("preset", "model", "swept"),
     [
