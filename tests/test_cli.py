@@ -208,7 +208,7 @@ CLEAN_ERRORS = [
     ("model.latent_dim=2.5", "model.latent_dim=2.5"),
     ("model=gan trainer.gradient_clip_val=1", "manual optimisation"),
     ("model=gan callbacks=default", "last_checkpoint_only"),
-    ("model/net=transformer", "conv, mlp"),
+    ("model/net=transformer", "conv, dcgan, mlp"),
     ("logger=null", "~logger"),
     ("++trainer.limt_train_batches=3", "did you mean limit_train_batches"),
     ("data.data_dir={tmp}/corrupt", "train-images-idx3-ubyte' is not a valid IDX file"),
