@@ -70,7 +70,7 @@ def test_a_2d_vae_run_logs_curves_and_its_pictures(make_cfg, tmp_path, caplog):
     said = [r.getMessage() for r in caplog.records]
     assert not [m for m in said if "TPU available" in m or "GPU available: False" in m]
     lines = [m for m in said if m.startswith("Epoch ")]
-    assert [line.split(":")[0] for line in lines] == ["Epoch 1/2", "Epoch 2/2"]
+    assert [line.split(":")[0] for line in lines] == ["Epoch 0 (1 of 2)", "Epoch 1 (2 of 2)"]
     for tag in ("train/loss", "val/loss"):
         assert f"{tag} {events.Scalars(tag)[-1].value:.4g}" in lines[-1]
     # One mean per epoch; per-step values every log_every_n_steps.

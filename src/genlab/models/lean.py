@@ -186,9 +186,11 @@ class LeanLightningModule(pl.LightningModule):
             k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("val/")
         }
         numbers = ", ".join(f"{k} {v:.4g}" for k, v in {**train, **val}.items())
+        # Numbered from 0 as the progress bar, checkpoints and pictures number epochs.
+        epoch = self.current_epoch
         last = self.trainer.max_epochs
-        of = f"/{last}" if last is not None and last >= 0 else ""
-        log.info("Epoch %d%s: %s", self.current_epoch + 1, of, numbers)
+        of = f" ({epoch + 1} of {last})" if last is not None and last >= 0 else ""
+        log.info("Epoch %d%s: %s", epoch, of, numbers)
 
     def _log(
         self, split: str, metrics: dict[str, Tensor], on_step: bool = False, **kwargs: Any
