@@ -19,5 +19,5 @@ class ConsoleHandler(logging.StreamHandler):
         try:
             tqdm.write(self.format(record), file=self.stream)
             self.flush()
-        except Exception:  # as logging.StreamHandler: a broken console never stops the run
+        except Exception:  # noqa: BLE001 - as logging.StreamHandler: a broken console never stops the run
             self.handleError(record)
