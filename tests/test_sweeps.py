@@ -144,6 +144,24 @@ def test_the_latents_grid_puts_every_jobs_codes_on_one_scale(tmp_path):
     assert report._latent_points(report.find_jobs(tmp_path)[1]) is None
 
 
+def test_the_report_of_a_256_job_sweep_is_complete_and_its_figures_summarise(tmp_path):
+    for index in range(256):
+        latent_dim, beta = 2 + index // 16, 0.25 * (1 + index % 16)
+        make_job(
+            tmp_path,
+            str(index),
+            [f"model.latent_dim={latent_dim}", f"model.beta={beta}"],
+            metrics=vae_metrics(recon=100.0 + beta, kl=10.0 / beta),
+            picture="white",
+        )
+    written = report.write_report(tmp_path)
+    assert len(read_csv(tmp_path / "summary.csv")) == 256  # the table is complete
+    assert (tmp_path / report.RATE_DISTORTION) in written
+    # The latents grid shows a sample of the jobs, at most 5 x 5 panels of 320 pixels, not 16 x 16.
+    with Image.open(tmp_path / report.LATENTS_GRID) as grid:
+        assert grid.width <= 5 * 320 and grid.height <= 5 * 300
+
+
 def test_the_report_of_a_folder_without_jobs_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         report_command([str(tmp_path)])

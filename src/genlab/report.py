@@ -44,6 +44,10 @@ METRIC_VS_LATENT_DIM = "metric_vs_latent_dim.png"
 LATENTS_GRID = "latents_grid.png"
 # The metric that ranks jobs: the first of these that finished jobs report (lower is better).
 RANKING_METRICS = ("test/nll", "test/neg_elbo", "test/loss", "test/fid")
+# The latents grid shows at most this many jobs (evenly spaced over a larger sweep), and a
+# rate-distortion line with more points than _LABELLED_POINTS labels only its ends.
+_MAX_PANELS = 25
+_LABELLED_POINTS = 6
 # Pictures that show a job's latent space, in order of preference (see genlab.callbacks).
 _LATENT_PICTURES = ("latent_final.png", "manifold_final.png", "samples_final.png")
 
@@ -296,7 +300,9 @@ def plot_rate_distortion(jobs: list[Job], path: Path) -> bool:
     for latent_dim in sorted({p[0] for p in points}, key=lambda d: (d is None, d)):
         line = sorted((p for p in points if p[0] == latent_dim), key=lambda p: p[1] or 0)
         ax.plot([p[2] for p in line], [p[3] for p in line], "o-", label=f"latent_dim={latent_dim}")
-        for _, beta, kl, recon in line:
+        # A long line (a large sweep) gets labels at its ends only, so that they stay legible.
+        labelled = line if len(line) <= _LABELLED_POINTS else [line[0], line[-1]]
+        for _, beta, kl, recon in labelled:
             ax.annotate(
                 f"β={beta:g}" if beta is not None else "",
                 (kl, recon),
@@ -354,11 +360,13 @@ def plot_latents_grid(jobs: list[Job], path: Path) -> bool:
     points with the same axes (so that the spread of the codes compares across jobs);
     otherwise each job's picture (scatter, manifold or samples) as it is."""
     keys = swept_keys(jobs)
-    labelled = [(_short(job, keys) or job.folder.name, job) for job in jobs]
+    shown = jobs[:: math.ceil(len(jobs) / _MAX_PANELS)]  # a large sweep: evenly spaced jobs
+    labelled = [(_short(job, keys) or job.folder.name, job) for job in shown]
     scatters = [(label, points) for label, job in labelled if (points := _latent_points(job))]
     same_axes = len({tuple(points["axes"]) for _, points in scatters}) == 1
     if scatters and len(scatters) == len(labelled) and same_axes:
-        _plot_shared_scatters(scatters, path)
+        note = f" ({len(shown)} of {len(jobs)} jobs)" if len(shown) < len(jobs) else ""
+        _plot_shared_scatters(scatters, path, note)
         return True
     return _tile_pictures(labelled, path)
 
@@ -381,7 +389,9 @@ def _grid_shape(count: int) -> tuple[int, int]:
     return math.ceil(count / cols), cols
 
 
-def _plot_shared_scatters(scatters: list[tuple[str, dict[str, Any]]], path: Path) -> Any:
+def _plot_shared_scatters(
+    scatters: list[tuple[str, dict[str, Any]]], path: Path, note: str = ""
+) -> Any:
     from matplotlib import colormaps
     from matplotlib.lines import Line2D
 
@@ -400,7 +410,7 @@ def _plot_shared_scatters(scatters: list[tuple[str, dict[str, Any]]], path: Path
     x_name, y_name = (str(name) for name in scatters[0][1]["axes"])
     figure.supxlabel(x_name)
     figure.supylabel(y_name)
-    figure.suptitle("Codes of test images, coloured by class, on one scale", fontsize=10)
+    figure.suptitle(f"Codes of test images, coloured by class, on one scale{note}", fontsize=10)
     classes = [str(name) for name in scatters[0][1]["class_names"]]
     handles = [
         Line2D([], [], marker="o", linestyle="", color=palette(i % 10), label=name)
