@@ -131,17 +131,23 @@ def test_the_latents_grid_puts_every_jobs_codes_on_one_scale(tmp_path):
             note=np.array(""),
             class_names=np.array([str(d) for d in range(10)]),
         )
+    # A job from before points were saved shows its picture; one with a damaged file too.
+    make_job(tmp_path, "2", ["model.beta=1", "model.latent_dim=2"], picture="white")
+    make_job(tmp_path, "3", ["model.beta=2", "model.latent_dim=2"], picture="white")
+    (tmp_path / "3" / "images" / "latent_final.npz").write_bytes(b"not an npz")
+
     jobs = report.find_jobs(tmp_path)
-    scatters = [(job.folder.name, report._latent_points(job)) for job in jobs]
-    figure = report._plot_shared_scatters(scatters, tmp_path / "grid.png")
-    small, large = figure.axes[:2]
+    panels = [
+        (job.folder.name, report._latent_points(job), report._latent_picture(job)) for job in jobs
+    ]
+    assert [points is None for _, points, _ in panels] == [False, False, True, True]
+    figure = report._plot_panels(panels, tmp_path / "grid.png", " (4 of 9 jobs)")
+    small, large, picture, _ = figure.axes[:4]
     assert small.get_xlim() == large.get_xlim() and small.get_ylim() == large.get_ylim()
     assert small.get_xlim()[1] > 40  # the wide job's range: the narrow one looks narrow
+    assert not picture.axison and picture.get_images()
+    assert figure.get_suptitle().endswith("on one scale (4 of 9 jobs)")
     assert report.plot_latents_grid(jobs, tmp_path / report.LATENTS_GRID)
-
-    # A file that is not a plain array file is ignored, and the pictures are tiled instead.
-    (tmp_path / "1" / "images" / "latent_final.npz").write_bytes(b"not an npz")
-    assert report._latent_points(report.find_jobs(tmp_path)[1]) is None
 
 
 def test_the_report_of_a_256_job_sweep_is_complete_and_its_figures_summarise(tmp_path):
@@ -157,9 +163,9 @@ def test_the_report_of_a_256_job_sweep_is_complete_and_its_figures_summarise(tmp
     written = report.write_report(tmp_path)
     assert len(read_csv(tmp_path / "summary.csv")) == 256  # the table is complete
     assert (tmp_path / report.RATE_DISTORTION) in written
-    # The latents grid shows a sample of the jobs, at most 5 x 5 panels of 320 pixels, not 16 x 16.
+    # The latents grid shows a sample of the jobs: at most 5 x 5 panels of 320 x 300 pixels.
     with Image.open(tmp_path / report.LATENTS_GRID) as grid:
-        assert grid.width <= 5 * 320 and grid.height <= 5 * 300
+        assert grid.width <= 5 * 320 and grid.height <= 5 * 300 + 40  # and a title line
 
 
 def test_the_report_of_a_folder_without_jobs_is_a_clear_error(tmp_path, capsys):

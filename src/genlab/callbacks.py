@@ -18,6 +18,7 @@ from torch import Tensor
 from torch.utils.tensorboard.summary import hparams
 
 from genlab import private_api, visuals
+from genlab.atomic import write_atomically
 from genlab.errors import GenlabError
 from genlab.models.base import GenerativeModel
 from genlab.options import Range, checked
@@ -231,16 +232,20 @@ class ImageLogger(pl.Callback):
         import numpy as np
 
         codes, labels, class_names = self._latent_codes
+        labels = labels.cpu()  # on the GPU when training there
         points, axes, note = visuals.latent_points(codes, labels)
-        with (self.dirpath / LATENT_POINTS_FILE).open("wb") as f:
-            np.savez(
+        # Atomically: a run killed mid-write must not leave a file the report cannot read.
+        write_atomically(
+            self.dirpath / LATENT_POINTS_FILE,
+            lambda f: np.savez(
                 f,
                 points=points.numpy(),
                 labels=labels.numpy(),
                 axes=np.array(axes),
                 note=np.array(note),
                 class_names=np.array(class_names),
-            )
+            ),
+        )
 
     def _add_embedding(self, trainer: pl.Trainer, model: GenerativeModel) -> None:
         """Test-set codes for TensorBoard's Projector, labelled by class name, with the images."""

@@ -356,100 +356,92 @@ def plot_metric_vs_latent_dim(jobs: list[Job], path: Path) -> bool:
 
 
 def plot_latents_grid(jobs: list[Job], path: Path) -> bool:
-    """Every job's final latent scatter side by side, on one scale when every job saved its
-    points with the same axes (so that the spread of the codes compares across jobs);
-    otherwise each job's picture (scatter, manifold or samples) as it is."""
+    """Every job's final latent scatter side by side, those with the same axes on one scale
+    (so that the spread of the codes compares across jobs); a job without saved points
+    shows its picture (scatter, manifold or samples) as it is."""
     keys = swept_keys(jobs)
     shown = jobs[:: math.ceil(len(jobs) / _MAX_PANELS)]  # a large sweep: evenly spaced jobs
-    labelled = [(_short(job, keys) or job.folder.name, job) for job in shown]
-    scatters = [(label, points) for label, job in labelled if (points := _latent_points(job))]
-    same_axes = len({tuple(points["axes"]) for _, points in scatters}) == 1
-    if scatters and len(scatters) == len(labelled) and same_axes:
-        note = f" ({len(shown)} of {len(jobs)} jobs)" if len(shown) < len(jobs) else ""
-        _plot_shared_scatters(scatters, path, note)
-        return True
-    return _tile_pictures(labelled, path)
+    panels = []
+    for job in shown:
+        label = _short(job, keys) or job.folder.name
+        points = _latent_points(job)
+        picture = None if points else _latent_picture(job)
+        if points or picture:
+            panels.append((label, points, picture))
+    if not panels:
+        return False
+    note = f" ({len(shown)} of {len(jobs)} jobs)" if len(shown) < len(jobs) else ""
+    _plot_panels(panels, path, note)
+    return True
 
 
 def _latent_points(job: Job) -> dict[str, Any] | None:
     """The job's saved latent scatter points (plain arrays, no pickles), or None."""
+    import zipfile
+
     import numpy as np
 
     try:
         with np.load(job.folder / "images" / LATENT_POINTS_FILE, allow_pickle=False) as data:
             points = {key: data[key] for key in ("points", "labels", "axes", "note", "class_names")}
-    except (OSError, KeyError, ValueError):
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
         return None
     ok = points["points"].ndim == 2 and points["points"].shape[1] == 2
     return points if ok and len(points["labels"]) == len(points["points"]) else None
 
 
-def _grid_shape(count: int) -> tuple[int, int]:
-    cols = math.ceil(math.sqrt(count))
-    return math.ceil(count / cols), cols
+def _latent_picture(job: Job) -> Path | None:
+    folder = job.folder / "images"
+    return next((folder / n for n in _LATENT_PICTURES if (folder / n).is_file()), None)
 
 
-def _plot_shared_scatters(
-    scatters: list[tuple[str, dict[str, Any]]], path: Path, note: str = ""
-) -> Any:
+def _plot_panels(panels: list[tuple[str, Any, Path | None]], path: Path, note: str) -> Any:
+    """One panel per job: its scatter (the scatters with the same axes share one scale) or
+    its picture."""
     from matplotlib import colormaps
     from matplotlib.lines import Line2D
-
-    rows, cols = _grid_shape(len(scatters))
-    figure = _figure(3.2 * cols, 3.0 * rows + 0.4)
-    axes = figure.subplots(rows, cols, sharex=True, sharey=True, squeeze=False).flatten()
-    palette = colormaps["tab10"]
-    for ax, (label, data) in zip(axes, scatters):
-        xy, classes = data["points"], data["labels"]
-        ax.scatter(xy[:, 0], xy[:, 1], c=palette(classes % 10), s=2, linewidths=0)
-        note = str(data["note"])
-        ax.set_title(label + (f"\n{note}" if note else ""), fontsize=8)
-        ax.grid(alpha=0.3)
-    for ax in axes[len(scatters) :]:
-        ax.set_visible(False)
-    x_name, y_name = (str(name) for name in scatters[0][1]["axes"])
-    figure.supxlabel(x_name)
-    figure.supylabel(y_name)
-    figure.suptitle(f"Codes of test images, coloured by class, on one scale{note}", fontsize=10)
-    classes = [str(name) for name in scatters[0][1]["class_names"]]
-    handles = [
-        Line2D([], [], marker="o", linestyle="", color=palette(i % 10), label=name)
-        for i, name in enumerate(classes)
-    ]
-    figure.tight_layout(rect=(0, 0, 0.85, 1))
-    figure.legend(handles=handles, loc="center right", fontsize=7, frameon=False)
-    figure.savefig(path)
-    return figure
-
-
-def _tile_pictures(labelled: list[tuple[str, Job]], path: Path) -> bool:
     from PIL import Image
 
-    pictures = []
-    for label, job in labelled:
-        found = next(
-            (
-                job.folder / "images" / name
-                for name in _LATENT_PICTURES
-                if (job.folder / "images" / name).is_file()
-            ),
-            None,
-        )
-        if found is not None:
-            pictures.append((label, found))
-    if not pictures:
-        return False
-    rows, cols = _grid_shape(len(pictures))
-    figure = _figure(3.2 * cols, 3.0 * rows)
-    for index, (label, picture) in enumerate(pictures):
-        ax = figure.add_subplot(rows, cols, index + 1)
-        with Image.open(picture) as image:
-            ax.imshow(image.convert("RGB"))
-        ax.set_title(label, fontsize=8)
-        ax.axis("off")
-    figure.tight_layout()
+    cols = math.ceil(math.sqrt(len(panels)))
+    rows = math.ceil(len(panels) / cols)
+    figure = _figure(3.2 * cols, 3.0 * rows + 0.4)
+    palette = colormaps["tab10"]
+    first_of: dict[tuple[str, ...], Any] = {}  # the first scatter with each pair of axes
+    scatter = None
+    for index, (label, data, picture) in enumerate(panels):
+        if data is None:
+            ax = figure.add_subplot(rows, cols, index + 1)
+            with Image.open(picture) as image:
+                ax.imshow(image.convert("RGB"))
+            ax.set_title(label, fontsize=8)
+            ax.axis("off")
+            continue
+        axes_names = tuple(str(name) for name in data["axes"])
+        shared = first_of.get(axes_names)
+        ax = figure.add_subplot(rows, cols, index + 1, sharex=shared, sharey=shared)
+        first_of.setdefault(axes_names, ax)
+        xy, classes = data["points"], data["labels"]
+        ax.scatter(xy[:, 0], xy[:, 1], c=palette(classes % 10), s=2, linewidths=0)
+        panel_note = str(data["note"])
+        ax.set_title(label + (f"\n{panel_note}" if panel_note else ""), fontsize=8)
+        ax.set_xlabel(axes_names[0], fontsize=7)
+        ax.set_ylabel(axes_names[1], fontsize=7)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        scatter = data
+    title = "Codes of test images, coloured by class, on one scale" if scatter else "Latent spaces"
+    figure.suptitle(title + note, fontsize=10)
+    right = 1.0
+    if scatter is not None:
+        handles = [
+            Line2D([], [], marker="o", linestyle="", color=palette(i % 10), label=str(name))
+            for i, name in enumerate(scatter["class_names"])
+        ]
+        right = 0.88
+        figure.legend(handles=handles, loc="center right", fontsize=7, frameon=False)
+    figure.tight_layout(rect=(0, 0, right, 1))
     figure.savefig(path)
-    return True
+    return figure
 
 
 def write_report(sweep_dir: Path) -> list[Path]:
