@@ -343,6 +343,12 @@ def test_a_stopped_optuna_sweep_continues_its_study(data_dir, tmp_path):
     states = [t.state.name for t in trials]
     assert states == ["COMPLETE", "COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
     assert trials[3].params == stopped.params  # the stopped trial, proposed again first
+    assert trials[2].user_attrs == {"genlab_stopped": True}
+    # The continued sampler does not repeat the first run's proposals.
+    assert trials[4].params not in (trials[0].params, trials[1].params)
+    # TensorBoard names each trial's run by its values (the sweeper says what it varies).
+    (run,) = (sweep / "4" / "tensorboard").iterdir()
+    assert run.name == ",".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in trials[4].params.items())
     # Each trial's job folder is numbered as the study numbers the trial.
     for number in (0, 1, 3, 4):
         metrics = json.loads((sweep / str(number) / "metrics.json").read_text())
