@@ -266,3 +266,24 @@ def test_no_checkpoint_is_built_from_weights_that_are_not_finite():
         vae.decoder[0].weight[0, 0] = float("nan")
     with pytest.raises(TrainingDiverged, match="decoder.0.weight"):
         vae.on_save_checkpoint({})
+
+
+def test_a_gans_averaged_generator_follows_the_generator_and_draws_the_samples():
+    torch.manual_seed(0)
+    gan = GAN(DCGAN([8, 16]), ADAM, latent_dim=5, ema_decay=0.9)
+    before = [p.clone() for p in gan.generator_ema.parameters()]
+    with torch.no_grad():
+        for p in gan.generator.parameters():
+            p.add_(1.0)
+    gan.update_ema()
+    for old, new, live in zip(before, gan.generator_ema.parameters(), gan.generator.parameters()):
+        torch.testing.assert_close(new, 0.9 * old + 0.1 * live)
+    assert not any(p.requires_grad for p in gan.generator_ema.parameters())
+    z = torch.randn(4, 5)
+    gan.eval()
+    torch.testing.assert_close(gan.decode(z), torch.sigmoid(gan.generator_ema(z)))
+    assert not torch.allclose(gan.decode(z), torch.sigmoid(gan.generator(z)))
+    # Without it, the generator itself.
+    plain = GAN(DCGAN([8, 16]), ADAM, latent_dim=5).eval()
+    assert plain.generator_ema is None
+    torch.testing.assert_close(plain.decode(z), torch.sigmoid(plain.generator(z)))

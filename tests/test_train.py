@@ -168,6 +168,7 @@ def test_the_dcgan_separates_real_from_fake_without_collapsing(make_cfg, tmp_pat
             "model=gan",
             "model/net=dcgan",
             "model.net.hidden_dims=[16,32]",
+            "model.ema_decay=0.9",  # samples from the averaged generator, saved and loaded with it
             "++trainer.limit_train_batches=100",
             "callbacks.images=null",
         )

@@ -3,10 +3,14 @@
 The generator is the net's decoder (latent -> image logits, squashed to
 [0, 1] by a sigmoid); the discriminator is the net's encoder with one output
 logit. Both are trained with their own Adam optimiser, one step each per batch.
+With ``ema_decay``, samples come from an exponential moving average of the
+generator's weights (Yazici et al., 2019), which smooths out the oscillation of
+adversarial training.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Annotated, Any
 
 import torch
@@ -28,6 +32,13 @@ class GAN(GenerativeModel):
     A GAN has no validation loss that ranks checkpoints, so its runs keep
     ``last.ckpt`` only. Each batch takes two optimiser steps, so Lightning's
     ``global_step`` (and ``max_steps``) counts twice the number of batches.
+
+    ``ema_decay`` (e.g. 0.999): keep ``generator_ema``, after every generator step
+    ``ema = decay * ema + (1 - decay) * generator`` for its weights and batch-norm
+    statistics, and draw every sample, picture and evaluation from it. Its horizon is
+    about 1 / (1 - decay) steps: a run much shorter than that samples from a generator
+    still close to its initial weights.
+    The ``val/`` and ``test/`` discriminator numbers score its fakes too; training, the live one's.
     """
 
     metric_names = ("d_loss", "g_loss", "d_real", "d_fake")
@@ -40,6 +51,7 @@ class GAN(GenerativeModel):
         net: Net,
         optimizer: OptimizerFactory,
         latent_dim: Annotated[int, Range(1)] = 64,
+        ema_decay: Annotated[float, Range(0, 1, exclusive=True)] | None = None,
         compile: bool = False,
         scheduler: SchedulerFactory | None = None,
     ):
@@ -49,6 +61,10 @@ class GAN(GenerativeModel):
         self.latent_dim = latent_dim
         self.generator = net.decoder(latent_dim)
         self.discriminator = net.encoder(1)
+        self.ema_decay = ema_decay
+        self.generator_ema = None
+        if ema_decay is not None:
+            self.generator_ema = copy.deepcopy(self.generator).requires_grad_(False)
         self.set_example_input(latent_dim)
 
     def forward(self, z: Tensor) -> Tensor:
@@ -56,12 +72,31 @@ class GAN(GenerativeModel):
         return self.decode(z)
 
     def decode(self, z: Tensor) -> Tensor:
-        return torch.sigmoid(self.generator(z))
+        """Images from ``z``: by the averaged generator when there is one."""
+        generator = self.generator if self.generator_ema is None else self.generator_ema
+        return torch.sigmoid(generator(z))
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """One step of the generator's moving average: its weights and its batch-norm
+        statistics alike, so that the statistics belong to the averaged weights' activations
+        rather than to the live generator's (counters are copied)."""
+        ema, live = self.generator_ema, self.generator
+        for averaged, current in zip(ema.parameters(), live.parameters()):
+            averaged.lerp_(current, 1.0 - self.ema_decay)
+        for averaged, current in zip(ema.buffers(), live.buffers()):
+            if averaged.is_floating_point():
+                averaged.lerp_(current, 1.0 - self.ema_decay)
+            else:
+                averaged.copy_(current)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x, _ = batch
         opt_g, opt_d = self.optimizers()
-        fake = self(torch.randn(x.size(0), self.latent_dim, device=self.device))
+        # The live generator: the one the optimiser trains.
+        fake = torch.sigmoid(
+            self.generator(torch.randn(x.size(0), self.latent_dim, device=self.device))
+        )
 
         # Discriminator: real -> 1, fake -> 0.
         self.toggle_optimizer(opt_d)
@@ -80,6 +115,8 @@ class GAN(GenerativeModel):
         self.manual_backward(g_loss)
         opt_g.step()
         self.untoggle_optimizer(opt_g)
+        if self.generator_ema is not None:
+            self.update_ema()
 
         metrics = {
             "d_loss": d_loss.detach(),
