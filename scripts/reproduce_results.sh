@@ -50,7 +50,7 @@ stage() {
     figures)
       python "$(dirname "$0")/results.py" "$out" ;;
     *)
-      echo "unknown stage '$1'; the stages are: ${all[*]}" >&2
+      echo "unknown stage '$1'; the stages are: ${all[*]} iwae_mnist_nll" >&2
       return 2 ;;
   esac
 }

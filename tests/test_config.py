@@ -55,6 +55,12 @@ BAD_CONFIGS = [
     ("callbacks.model_checkpoint.monitor=val/elbo", ["val/elbo", "val/neg_elbo"]),
     ("model.latent_dim=2,4", ["model.latent_dim=2,4", "--multirun"]),
     ("logger=null", ["logger=null", "csv, tensorboard", "~logger"]),
+    (
+        "model.recon_loss=cbernoulli data.binarize=dynamic",
+        ["recon_loss='cbernoulli'", "data.binarize='dynamic'", "data.binarize=none"],
+    ),
+    ("model.ema_decay=0.999", ["model.ema_decay", "latent_dim, net, optimizer"]),
+    ("model=gan model.ema_decay=1.5", ["model.ema_decay=1.5", "between 0 and 1"]),
 ]
 
 

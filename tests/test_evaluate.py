@@ -129,6 +129,10 @@ def test_each_family_gets_the_metrics_that_apply_to_it(
     assert metrics["model"] == family.upper() and metrics["dataset"] == "mnist"
     if family == "ae":
         assert 0 < metrics["test/mse"] < 0.25 < metrics["test/recon"]
+        # Trained and scored on grey levels, where a Bernoulli decoder gives no likelihood.
+        assert metrics["likelihood"] == (
+            "Bernoulli cross-entropy of grey levels (not a normalised likelihood)"
+        )
 
 
 def test_a_continuous_bernoulli_vae_is_scored_on_grey_levels(make_cfg, cache_dir, tmp_path):

@@ -217,25 +217,20 @@ def test_the_continuous_bernoulli_agrees_with_torch_and_is_smooth_at_one_half():
 
 def test_one_importance_sample_is_exactly_the_vae():
     x = torch.rand(8, 1, 28, 28).round()
-    results = []
-    for iw_samples in (None, 1):
-        torch.manual_seed(0)
-        options = {} if iw_samples is None else {"iw_samples": iw_samples}
-        vae = VAE(MLP([32]), ADAM, latent_dim=4, beta=2.0, **options)
-        torch.manual_seed(1)
-        results.append(vae.step((x, torch.zeros(8)), 0, "train"))
-        # The loss as the classic VAE writes it, with the same noise.
-        torch.manual_seed(1)
-        eps = torch.randn(8, 4)
-        mu, logvar = vae.encode(x)
-        logits = vae.decoder(mu + torch.exp(0.5 * logvar) * eps)
-        recon = -Bernoulli(logits=logits).log_prob(x).flatten(1).sum(1).mean()
-        kl = kl_divergence(Normal(mu, torch.exp(0.5 * logvar)), Normal(0.0, 1.0)).sum(1).mean()
-        torch.testing.assert_close(results[-1]["loss"], recon + 2.0 * kl)
-        assert "neg_iw_bound" not in results[-1] and "neg_iw_bound" not in vae.metric_names
-    assert results[0].keys() == results[1].keys()
-    for key in results[0]:
-        torch.testing.assert_close(results[0][key], results[1][key])
+    torch.manual_seed(0)
+    vae = VAE(MLP([32]), ADAM, latent_dim=4, beta=2.0, iw_samples=1)
+    torch.manual_seed(1)
+    metrics = vae.step((x, torch.zeros(8)), 0, "train")
+    # The loss as the classic VAE writes it, with the same noise.
+    torch.manual_seed(1)
+    eps = torch.randn(8, 4)
+    mu, logvar = vae.encode(x)
+    logits = vae.decoder(mu + torch.exp(0.5 * logvar) * eps)
+    recon = -Bernoulli(logits=logits).log_prob(x).flatten(1).sum(1).mean()
+    kl = kl_divergence(Normal(mu, torch.exp(0.5 * logvar)), Normal(0.0, 1.0)).sum(1).mean()
+    torch.testing.assert_close(metrics["loss"], recon + 2.0 * kl)
+    torch.testing.assert_close(metrics["neg_elbo"], recon + kl)
+    assert "neg_iw_bound" not in metrics and "neg_iw_bound" not in vae.metric_names
 
 
 def test_the_importance_weighted_bound_is_the_one_evaluation_estimates_and_is_tighter():

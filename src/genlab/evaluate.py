@@ -31,7 +31,7 @@ from genlab.config.validate import resolved, validate
 from genlab.data import BINARIZE_SEED_EVAL, BINARIZE_SEED_TRAIN, binarize_sample
 from genlab.errors import FolderTaken, GenlabError
 from genlab.models import AE, VAE, GenerativeModel
-from genlab.models.likelihood import LIKELIHOODS, pixel_mean, reconstruction_nll
+from genlab.models.likelihood import likelihood_label, pixel_mean, reconstruction_nll
 from genlab.options import Range, check_values, type_hints
 from genlab.rundir import CONFIG_DIR, METRICS_FILE, owned, record_run, write_metrics
 
@@ -131,7 +131,7 @@ def _likelihood(model: VAE | AE, data: EvalData) -> dict[str, str]:
     """What the nats metrics measure: the decoder's likelihood and the pixels it scores."""
     binary = _likelihood_binary(model, data)
     return {
-        "likelihood": LIKELIHOODS[model.recon_loss],
+        "likelihood": likelihood_label(model.recon_loss, binary),
         "binarize": "static" if binary else "none",
     }
 
@@ -170,7 +170,7 @@ def _ae_metrics(ae: AE, data: EvalData, options: EvalOptions) -> dict[str, Any]:
     return {
         "test/recon": torch.cat(recon).mean().item(),
         "test/mse": torch.cat(mse).mean().item(),
-        "likelihood": LIKELIHOODS[ae.recon_loss],
+        "likelihood": likelihood_label(ae.recon_loss, binary),
         "binarize": "static" if binary else "none",
     }
 

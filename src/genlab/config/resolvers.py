@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,10 @@ def eval_dir(ckpt_path: Any, log_dir: Any) -> str:
 
 
 OmegaConf.register_new_resolver("genlab.eval_dir", eval_dir, replace=True)
+
+
+# Longer sweep labels are cut and end in a hash of the whole, so that they stay unique.
+_MAX_LABEL_BYTES = 120
 
 
 def swept_keys(multirun_config: Any) -> list[str]:
@@ -41,9 +46,9 @@ def sweep_label() -> str:
     """A sweep job's swept values, as a folder name (``latent_dim=2,beta=0.5``); empty for a
     single run. TensorBoard names the job's curves and HParams row by it.
 
-    What the sweep varies comes from the multirun.yaml that Hydra's launchers write into
-    the sweep folder before the first job: jobs in other processes or on other machines
-    read the same file."""
+    What the sweep varies comes from the multirun.yaml that the sweeper (Hydra's basic
+    sweeper, genlab's Optuna sweeper) writes into the sweep folder before the first job:
+    jobs in other processes or on other machines read the same file."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.types import RunMode
@@ -54,15 +59,19 @@ def sweep_label() -> str:
     multirun = Path(hydra.sweep.dir) / "multirun.yaml"
     try:
         keys = swept_keys(OmegaConf.load(multirun))
-    except (OSError, ValueError, AttributeError):  # no launcher file: unnamed, as a single run
+    except (OSError, ValueError, AttributeError):  # no sweeper file: unnamed, as a single run
         return ""
     given = OverridesParser.create().parse_overrides(list(hydra.overrides.task))
     values = {o.key_or_group: o.input_line.split("=", 1)[-1] for o in given}
     short = [key.replace("/", ".").rsplit(".", 1)[-1] for key in keys]
     names = short if len(set(short)) == len(short) else [k.replace("/", ".") for k in keys]
-    return ",".join(
+    label = ",".join(
         f"{name}={values[key].replace('/', '-')}" for name, key in zip(names, keys) if key in values
     )
+    if len(label.encode()) > _MAX_LABEL_BYTES:  # a folder name holds at most 255 bytes
+        digest = hashlib.sha1(label.encode()).hexdigest()[:8]
+        label = label.encode()[: _MAX_LABEL_BYTES - 9].decode(errors="ignore") + "~" + digest
+    return label
 
 
 OmegaConf.register_new_resolver("genlab.sweep_label", sweep_label, replace=True)

@@ -148,6 +148,14 @@ def check_training_setup(config: Mapping[str, Any], model: Any) -> None:
                     f"optimisers itself (manual optimisation, which Lightning's {key} does "
                     f"not support); leave it at {neutral if neutral is not None else 'null'}"
                 )
+    binarize = (config.get("data") or {}).get("binarize", "none")
+    if getattr(model, "recon_loss", None) == "cbernoulli" and binarize != "none":
+        problems["model.recon_loss"] = (
+            f"model.recon_loss='cbernoulli' is a density of grey levels, and data.binarize="
+            f"{binarize!r} makes every pixel 0 or 1, where that density has no maximum (the "
+            f"loss falls without end); train it with data.binarize=none, or use "
+            f"model.recon_loss=bce for binary pixels"
+        )
     validates = (config.get("data") or {}).get("val_size", 1) != 0
     logged = [f"train/{name}" for name in model.metric_names]
     logged += [f"val/{name}" for name in model.metric_names if validates]

@@ -234,14 +234,18 @@ class LeanLightningModule(pl.LightningModule):
         saved = checkpoint.get(_EPOCH_SUMS_KEY)
         if saved is not None:
             self._epoch_sums = _EpochSums(saved["sums"], saved["count"])
-            if self._sums_on_device() and saved["count"]:
-                self._epoch_sums = self._resumed_on_device(self._epoch_sums)
 
-    def _resumed_on_device(self, sums: _EpochSums) -> _DeviceSums:
-        device_sums = _DeviceSums()
-        device_sums.names = tuple(sums.sums)
-        dtype = torch.float32 if self.device.type == "mps" else torch.float64
-        device_sums.totals = torch.tensor(list(sums.sums.values()), dtype=dtype, device=self.device)
-        device_sums.bad = torch.zeros(len(sums.sums), dtype=torch.bool, device=self.device)
-        device_sums.count = sums.count
-        return device_sums
+    def on_train_start(self) -> None:
+        # A run resumed mid-epoch carries its sums as host floats; on a GPU they move to the
+        # device here, once the model is there (it is not yet when the checkpoint loads).
+        sums = self._epoch_sums
+        if isinstance(sums, _EpochSums) and sums.count and self._sums_on_device():
+            dtype = torch.float32 if self.device.type == "mps" else torch.float64
+            on_device = _DeviceSums()
+            on_device.names = tuple(sums.sums)
+            on_device.totals = torch.tensor(
+                list(sums.sums.values()), dtype=dtype, device=self.device
+            )
+            on_device.bad = torch.zeros(len(sums.sums), dtype=torch.bool, device=self.device)
+            on_device.count = sums.count
+            self._epoch_sums = on_device

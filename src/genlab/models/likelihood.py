@@ -24,13 +24,20 @@ from torch import Tensor
 
 ReconLoss = Literal["bce", "cbernoulli", "mse"]
 GAUSSIAN_NLL_PER_PIXEL = 0.5 * math.log(math.pi)
-# Which likelihood each decoder gives, and on which pixels genlab-eval scores it.
-LIKELIHOODS = {
-    "bce": "Bernoulli likelihood of binary pixels",
-    "cbernoulli": "continuous Bernoulli density of grey levels in [0, 1] (a density: it can be "
-    "negative)",
-    "mse": "Gaussian density (variance 1/2) of grey levels (a density: it can be negative)",
-}
+
+
+def likelihood_label(recon_loss: ReconLoss, binary: bool) -> str:
+    """What -log p(x|z) of the decoder ``recon_loss`` measures on binary or grey-level pixels."""
+    pixels = "binary pixels" if binary else "grey levels"
+    if recon_loss == "bce":
+        if binary:
+            return "Bernoulli likelihood of binary pixels"
+        return "Bernoulli cross-entropy of grey levels (not a normalised likelihood)"
+    if recon_loss == "cbernoulli":
+        return f"continuous Bernoulli density of {pixels} in [0, 1] (a density: it can be negative)"
+    return f"Gaussian density (variance 1/2) of {pixels} (a density: it can be negative)"
+
+
 # Below this |logit| the continuous Bernoulli's normaliser and mean are evaluated by their
 # Taylor series: the closed forms divide 0 by 0 at logit 0 (lambda = 0.5). At the switch
 # the series' first omitted terms are below 1e-9.
@@ -60,7 +67,8 @@ def pixel_mean(logits: Tensor, recon_loss: ReconLoss) -> Tensor:
     small = logits.abs() < _CB_SERIES_BELOW
     safe = torch.where(small, torch.ones_like(logits), logits)
     closed = 0.5 / torch.tanh(0.5 * safe) + 0.5 - 1.0 / safe
-    series = 0.5 + logits / 12 - logits.pow(3) / 720
+    near = torch.where(small, logits, torch.zeros_like(logits))  # no inf * 0 in its gradient
+    series = 0.5 + near / 12 - near.pow(3) / 720
     return torch.where(small, series, closed)
 
 
@@ -75,7 +83,7 @@ def cb_log_normalizer(logits: Tensor) -> Tensor:
     small = magnitude < _CB_SERIES_BELOW
     safe = torch.where(small, torch.ones_like(magnitude), magnitude)
     closed = torch.log(safe) - torch.log(torch.tanh(0.5 * safe))
-    square = logits.pow(2)
+    square = torch.where(small, logits, torch.zeros_like(logits)).pow(2)  # as in pixel_mean
     series = math.log(2.0) + square / 12 - 7.0 * square.pow(2) / 1440
     return torch.where(small, series, closed)
 

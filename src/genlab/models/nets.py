@@ -42,10 +42,11 @@ class _Net:
         self.activation = activation
         self.norm = norm
 
-    # Only decoders are normalised. A GAN's generator needs batch norm to keep
-    # its samples apart (without it the default GAN collapses to one image);
+    # MLP and Conv normalise decoders only. A GAN's generator needs batch norm to
+    # keep its samples apart (without it the default GAN collapses to one image);
     # in an encoder or discriminator, batch statistics would differ between
-    # training and evaluation and between real and generated batches.
+    # training and evaluation and between real and generated batches. (DCGAN
+    # follows its paper instead, and normalises its discriminator too.)
     def _hidden(self, features: int, decoder: bool, batch_norm: type[nn.Module]) -> list[nn.Module]:
         """Normalisation (decoders, where configured) and activation of a hidden layer."""
         layers = [batch_norm(features)] if decoder and self.norm == "batch" else []
