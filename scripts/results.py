@@ -113,7 +113,7 @@ def _samples_figure(stages: dict, names: list[str], path: Path) -> None:
         (samples,) = stages[name]["images"].glob("samples*_final.png")
         _show(ax, samples, f"{name}: FID {_fmt(fid, 1)}")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=90, bbox_inches="tight")
 
 
 def main(results: Path) -> None:
