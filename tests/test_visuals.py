@@ -159,7 +159,7 @@ def test_the_manifold_reads_like_a_map_of_the_latent_plane(make_cfg, data_dir):
     datamodule.setup("fit")
     datamodule.setup("test")
     logger = instantiate(cfg.callbacks.images)
-    images = logger.draw(type("Trainer", (), {"datamodule": datamodule}), model)
+    images = logger.draw(datamodule, model)
 
     # Top-left tile: z1 = -3 (left), z2 = +3 (top); bottom-right: (+3, -3).
     corners = torch.tensor([[-3.0, 3.0], [3.0, -3.0]])

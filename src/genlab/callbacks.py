@@ -109,32 +109,50 @@ class ImageLogger(pl.Callback):
         self._last_drawn = None
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        n = self.every_n_epochs
-        if n and (trainer.current_epoch + 1) % n == 0 and trainer.is_global_zero:
-            images = self.draw(trainer, pl_module)
-            self._publish(trainer, images, f"epoch{trainer.current_epoch:03d}")
-            self._last_drawn = (trainer.global_step, images)
+        if trainer.is_global_zero:
+            writers = _tensorboard_writers(trainer)
+            self.epoch_end(
+                trainer.datamodule, pl_module, writers, trainer.current_epoch, trainer.global_step
+            )
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.is_global_zero:
-            return
-        if self._last_drawn is not None and self._last_drawn[0] == trainer.global_step:
+        if trainer.is_global_zero:
+            writers = _tensorboard_writers(trainer)
+            self.fit_end(trainer.datamodule, pl_module, writers, trainer.global_step)
+
+    # -- what the hooks do, for a model trained by any loop (`genlab.fused` too) ----------------
+
+    def epoch_end(
+        self, datamodule: Any, model: GenerativeModel, writers: list[Any], epoch: int, step: int
+    ) -> None:
+        """The pictures of ``epoch`` (counted from 0), when it is one to draw."""
+        n = self.every_n_epochs
+        if n and (epoch + 1) % n == 0:
+            images = self.draw(datamodule, model)
+            self._publish(writers, images, f"epoch{epoch:03d}", step)
+            self._last_drawn = (step, images)
+
+    def fit_end(
+        self, datamodule: Any, model: GenerativeModel, writers: list[Any], step: int
+    ) -> None:
+        """The final pictures, the latent scatter's points and the Projector's codes."""
+        if self._last_drawn is not None and self._last_drawn[0] == step:
             images = self._last_drawn[1]  # the last epoch's pictures already show the final weights
             self._write_pngs(images, "final")
         else:
-            images = self.draw(trainer, pl_module)
-            self._publish(trainer, images, "final")
+            images = self.draw(datamodule, model)
+            self._publish(writers, images, "final", step)
         if "latent" in images:
             self._save_latent_points()
-        if self.projector_points and "latent" in pl_module.visuals:
-            self._add_embedding(trainer, pl_module)
+        if self.projector_points and "latent" in model.visuals:
+            self._add_embedding(datamodule, model, writers, step)
 
     # -- drawing --------------------------------------------------------------------------------
 
-    def draw(self, trainer: pl.Trainer, model: GenerativeModel) -> dict[str, Tensor]:
+    def draw(self, datamodule: Any, model: GenerativeModel) -> dict[str, Tensor]:
         """Every picture ``model`` declares that fits its latent size, by TensorBoard tag."""
         with _evaluating(model):
-            return self._draw(trainer.datamodule, model)
+            return self._draw(datamodule, model)
 
     def _draw(self, datamodule: Any, model: GenerativeModel) -> dict[str, Tensor]:
         splits = datamodule.splits
@@ -205,8 +223,9 @@ class ImageLogger(pl.Callback):
 
     # -- writing ----------------------------------------------------------------------------------
 
-    def _publish(self, trainer: pl.Trainer, images: dict[str, Tensor], suffix: str) -> None:
-        writers = _tensorboard_writers(trainer)
+    def _publish(
+        self, writers: list[Any], images: dict[str, Tensor], suffix: str, step: int
+    ) -> None:
         for tag, png in self._write_pngs(images, suffix).items():
             # The PNG just written goes to TensorBoard as it is: add_image would encode it again.
             _, height, width = images[tag].shape
@@ -215,7 +234,7 @@ class ImageLogger(pl.Callback):
             )
             summary = Summary(value=[Summary.Value(tag=tag, image=encoded)])
             for writer in writers:
-                private_api.event_file_writer(writer).add_summary(summary, trainer.global_step)
+                private_api.event_file_writer(writer).add_summary(summary, step)
 
     def _write_pngs(self, images: dict[str, Tensor], suffix: str) -> dict[str, bytes]:
         """Write ``<tag>_<suffix>.png`` for every image; returns the encoded files by tag."""
@@ -247,26 +266,27 @@ class ImageLogger(pl.Callback):
             ),
         )
 
-    def _add_embedding(self, trainer: pl.Trainer, model: GenerativeModel) -> None:
+    def _add_embedding(
+        self, datamodule: Any, model: GenerativeModel, writers: list[Any], step: int
+    ) -> None:
         """Test-set codes for TensorBoard's Projector, labelled by class name, with the images."""
-        writers = _tensorboard_writers(trainer)
         if not writers:
             return
-        images, labels = trainer.datamodule.splits["test"]
+        images, labels = datamodule.splits["test"]
         # Its image sprite takes seconds to write for the whole test set, hence a subset.
         images, labels = images[: self.projector_points], labels[: self.projector_points]
         with _evaluating(model):
             codes = model.embed_all(images).cpu()
         if codes.shape[1] <= 3:  # the Projector's PCA needs more; the latent scatter shows these
             return
-        names = trainer.datamodule.class_names
+        names = datamodule.class_names
         for writer in writers:
             write_embedding(
                 Path(writer.log_dir),
                 codes,
                 [names[i] for i in labels.tolist()],
                 images,
-                trainer.global_step,
+                step,
                 tag="latent",
             )
 
@@ -303,25 +323,32 @@ class HParamsLogger(pl.Callback):
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         run_config = getattr(pl_module, "run_config", None)
-        writers = _tensorboard_writers(trainer)
         metrics = {
             name: float(value)
             for name, value in trainer.callback_metrics.items()
             if name.startswith("test/")
         }
-        if not (run_config and writers and metrics and trainer.is_global_zero):
-            return
-        # The metric values are the test/ scalars trainer.test has just logged: the
-        # table refers to them by tag, so nothing is written twice. Only the session is
-        # written, not an experiment summary of this run's own: TensorBoard then derives
-        # the table from every run it shows, putting the options that differ between
-        # them (what a sweep varied) first, among the few columns it ticks by default.
-        _experiment, *session = hparams(table_hparams(run_config), metrics)
-        for writer in writers:
-            file_writer = private_api.event_file_writer(writer)
-            for summary in session:
-                file_writer.add_summary(summary, trainer.global_step)
-            writer.flush()
+        if run_config and trainer.is_global_zero:
+            write_hparams(_tensorboard_writers(trainer), run_config, metrics, trainer.global_step)
+
+
+def write_hparams(
+    writers: list[Any], run_config: dict[str, Any], metrics: dict[str, float], step: int
+) -> None:
+    """A run's HParams table entry: its `table_hparams` beside its test metrics."""
+    if not (writers and metrics):
+        return
+    # The metric values are the test/ scalars the test pass has just logged: the
+    # table refers to them by tag, so nothing is written twice. Only the session is
+    # written, not an experiment summary of this run's own: TensorBoard then derives
+    # the table from every run it shows, putting the options that differ between
+    # them (what a sweep varied) first, among the few columns it ticks by default.
+    _experiment, *session = hparams(table_hparams(run_config), metrics)
+    for writer in writers:
+        file_writer = private_api.event_file_writer(writer)
+        for summary in session:
+            file_writer.add_summary(summary, step)
+        writer.flush()
 
 
 def table_hparams(run_config: dict[str, Any]) -> dict[str, Any]:

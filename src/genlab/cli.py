@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import math
 import signal
 import sys
 from collections.abc import Iterator
@@ -25,6 +24,7 @@ from omegaconf import DictConfig
 
 from genlab import private_api, report
 from genlab.config import CONF_DIR, hydra_errors
+from genlab.continuation import objective
 from genlab.errors import (
     FolderTaken,
     GenlabError,
@@ -62,7 +62,7 @@ def _train(cfg: DictConfig) -> float | None:
         code = _exit_code(metrics)
         if code:
             raise SystemExit(code)
-        return _objective(cfg, metrics)
+        return objective(cfg, metrics)
     with user_errors():
         _refuse_local_ddp_sweep(cfg)
     # A rerun of a sweep into its folder continues it (genlab.continuation). One failing
@@ -78,7 +78,7 @@ def _train(cfg: DictConfig) -> float | None:
     def refused(reason: GenlabError) -> float | None:
         record_attempt(sweep_dir, job, "refused")
         print(f"Job {job} refused: {reason}", file=sys.stderr)
-        return _objective(cfg, {})
+        return objective(cfg, {})
 
     try:
         plan = plan_job(cfg) if cfg.resume is None else Plan("run")
@@ -87,7 +87,7 @@ def _train(cfg: DictConfig) -> float | None:
     record_attempt(sweep_dir, job, plan.action)
     if plan.action == "reuse":
         print(f"Job {job} finished earlier ({plan.metrics['status']}): reused, nothing ran.")
-        return _objective(cfg, plan.metrics)
+        return objective(cfg, plan.metrics)
     if plan.action == "resume":
         print(f"Job {job} stopped earlier: continuing it from its last.ckpt.")
         cfg.resume = "last"
@@ -104,10 +104,10 @@ def _train(cfg: DictConfig) -> float | None:
             log.error("Job failed: %s", user_error)
         else:
             log.exception("Job failed")
-        return _objective(cfg, {})
+        return objective(cfg, {})
     if metrics["status"] == "interrupted":  # Ctrl-C stops the whole sweep
         raise SystemExit(_exit_code(metrics))
-    return _objective(cfg, metrics)
+    return objective(cfg, metrics)
 
 
 def _in_sweep() -> bool:
@@ -130,12 +130,6 @@ def _refuse_local_ddp_sweep(cfg: DictConfig) -> None:
             "hydra/launcher=slurm (SLURM starts the processes), run each DDP job on its own "
             "without -m, or sweep with trainer.devices=1."
         )
-
-
-def _objective(cfg: DictConfig, metrics: dict[str, Any]) -> float | None:
-    if cfg.get("objective") is None:
-        return None
-    return float(metrics.get(cfg.objective, math.nan))
 
 
 def train_command() -> None:

@@ -15,6 +15,7 @@ report reads to say which jobs were reused, resumed and run.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -126,3 +127,12 @@ def last_attempts(
         except (ValueError, KeyError, TypeError):
             continue  # a line cut short by a kill
     return latest
+
+
+def objective(cfg: DictConfig, metrics: dict[str, Any]) -> float | None:
+    """What a sweep job returns to its sweeper: the metrics.json entry ``cfg.objective``
+    names (for sweepers that optimise it, e.g. Optuna), NaN for a job that failed or does
+    not report it; None when nothing is optimised."""
+    if cfg.get("objective") is None:
+        return None
+    return float(metrics.get(cfg.objective, math.nan))

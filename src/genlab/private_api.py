@@ -37,6 +37,12 @@ def logged_step(trainer: pl.Trainer) -> int:
     return getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
 
 
+def dump_checkpoint(trainer: pl.Trainer) -> dict[str, Any]:
+    """What ``trainer.save_checkpoint`` would write now (weights, optimiser and loop state,
+    callbacks' states), as a dict, without writing it."""
+    return trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+
+
 def request_sigterm_stop(trainer: pl.Trainer) -> bool:
     """Ask Lightning's loops for the stop they make after SIGTERM: the running batch
     finishes, then `SIGTERMException`. False when this Lightning cannot be asked."""

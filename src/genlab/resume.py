@@ -209,10 +209,14 @@ class OneLogHistory(pl.Callback):
         self._pending = False
         if trainer.ckpt_path is None:
             return
-        step = private_api.logged_step(trainer)
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                restart = Event(step=step, session_log=SessionLog(status=SessionLog.START))
-                logger.experiment.file_writer.add_event(restart)
-            elif isinstance(logger, CSVLogger):
-                logger.drop_from(step)
+        mark_restart(trainer.loggers, private_api.logged_step(trainer))
+
+
+def mark_restart(loggers: list[Any], step: int) -> None:
+    """Make ``loggers`` forget what an earlier attempt logged at ``step`` or later."""
+    for logger in loggers:
+        if isinstance(logger, TensorBoardLogger):
+            restart = Event(step=step, session_log=SessionLog(status=SessionLog.START))
+            logger.experiment.file_writer.add_event(restart)
+        elif isinstance(logger, CSVLogger):
+            logger.drop_from(step)

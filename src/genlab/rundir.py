@@ -141,17 +141,19 @@ def is_rank_zero() -> bool:
     return all(os.environ.get(name, "0") in ("", "0") for name in ranks)
 
 
-def record_run(output_dir: Path, cfg: DictConfig) -> None:
+def record_run(output_dir: Path, cfg: DictConfig, hydra_cfg: DictConfig | None = None) -> None:
     """Write what reproduces the run: ``.hydra/`` (config, and overrides and Hydra's
-    settings when run by Hydra) and ``environment.json``.
+    settings when run by Hydra: ``hydra_cfg``, by default the current job's) and
+    ``environment.json``.
 
     Hydra's own writing of ``.hydra/`` is switched off (``hydra.output_subdir:
     null``) so that a run genlab refuses leaves an earlier run's files untouched.
     """
     config_dir = output_dir / CONFIG_DIR
     write_atomically(config_dir / "config.yaml", OmegaConf.to_yaml(cfg))
-    if HydraConfig.initialized():
+    if hydra_cfg is None and HydraConfig.initialized():
         hydra_cfg = HydraConfig.get()
+    if hydra_cfg is not None:
         write_atomically(config_dir / "overrides.yaml", OmegaConf.to_yaml(hydra_cfg.overrides.task))
         write_atomically(
             config_dir / "hydra.yaml", OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra_cfg}))

@@ -127,23 +127,12 @@ def _run(cfg: DictConfig, stopper: StopSignals, start: float) -> dict[str, Any]:
             cfg, trainer, model, datamodule, eval_options, ckpt_path, stopper, start
         )
     except TrainingDiverged as err:
-        last = checkpoint_dir / LAST_CHECKPOINT
-        kept = (
-            f"{last} holds the last good weights"
-            if last.is_file()
-            else "no checkpoint had been saved yet"
-        )
-        message = (
-            f"{err} The run stopped before saving anything from those weights; {kept}. Try a "
-            f"lower model.optimizer.lr, or clip gradients with trainer.gradient_clip_val (AE, VAE)."
-        )
         stopper.phase = "stopping"
-        log.error("%s", message)
-        return _stopped(trainer, cfg, start, {"status": "diverged", "message": message})
+        return record_diverged(trainer, cfg, str(err), start)
     except (Interrupted, SIGTERMException) as stop:
         at_once = isinstance(stop, Interrupted)
         stopped_in, stopper.phase = stopper.stopped_in or stopper.phase, "stopping"
-        return _interrupted(trainer, cfg, stopper, stopped_in, start, at_once=at_once)
+        return record_interrupted(trainer, cfg, stopper, stopped_in, start, at_once=at_once)
 
 
 def _fit_and_test(
@@ -222,7 +211,7 @@ def _quiet_third_party_noise() -> None:
 
 def _build_trainer(cfg: DictConfig, **objects: Any) -> pl.Trainer:
     if not cfg.trainer.get("plugins"):  # a user's own plugins replace the atomic checkpoint writer
-        objects["plugins"] = [AtomicCheckpointIO()]
+        objects.setdefault("plugins", [AtomicCheckpointIO()])
     try:
         return instantiate(cfg.trainer, **objects)
     except InstantiationException as err:
@@ -243,7 +232,26 @@ def _tested_weights(trainer: pl.Trainer) -> tuple[str | None, dict[str, float]]:
     return None, final_val
 
 
-def _interrupted(
+def record_diverged(
+    trainer: pl.Trainer, cfg: DictConfig, reason: str, start: float
+) -> dict[str, Any]:
+    """metrics.json of a run whose training diverged (``reason`` says where), saying which
+    checkpoint holds its last good weights."""
+    last = Path(cfg.paths.checkpoint_dir) / LAST_CHECKPOINT
+    kept = (
+        f"{last} holds the last good weights"
+        if last.is_file()
+        else "no checkpoint had been saved yet"
+    )
+    message = (
+        f"{reason} The run stopped before saving anything from those weights; {kept}. Try a "
+        f"lower model.optimizer.lr, or clip gradients with trainer.gradient_clip_val (AE, VAE)."
+    )
+    log.error("%s", message)
+    return _stopped(trainer, cfg, start, {"status": "diverged", "message": message})
+
+
+def record_interrupted(
     trainer: pl.Trainer,
     cfg: DictConfig,
     stopper: StopSignals,

@@ -60,8 +60,17 @@ class AE(GenerativeModel):
         codes = self.embed_all(fit_images)
         return codes.mean(0), codes.std(0)
 
+    def noise_shape(self, batch_size: int) -> None:
+        """An AE's loss draws no noise."""
+        return None
+
     def step(self, batch: tuple[Tensor, Tensor], batch_idx: int, split: str) -> dict[str, Tensor]:
-        x, _ = batch
+        return self.loss_terms(batch[0])
+
+    def loss_terms(
+        self, x: Tensor, eps: Tensor | None = None, beta: float | Tensor | None = None
+    ) -> dict[str, Tensor]:
+        """The metrics of a batch ``x`` (``eps`` and ``beta``: none for an AE)."""
         logits = self.decoder(self.encoder(x))
         recon = reconstruction_nll(logits, x, self.recon_loss).mean()
         return {"loss": recon, "recon": recon}

@@ -27,6 +27,12 @@ OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
 
 
+def eval_noise(shape: tuple[int, ...], batch_idx: int, device: torch.device) -> Tensor:
+    """The noise of validation and test batch ``batch_idx``: the same at every evaluation."""
+    generator = torch.Generator(device=device).manual_seed(_EVAL_SEED + batch_idx)
+    return torch.randn(shape, generator=generator, device=device)
+
+
 class GenerativeModel(LeanLightningModule):
     """Base class of the model families.
 
@@ -34,7 +40,9 @@ class GenerativeModel(LeanLightningModule):
 
     - ``step(batch, batch_idx, split)``: its metrics on a batch, the optimised ``loss``
       among them, written out (``training_step`` calls it; a family that steps its own
-      optimisers overrides ``training_step``);
+      optimisers overrides ``training_step``); AE and VAE compute them in
+      ``loss_terms(x, eps, beta)`` from noise of ``noise_shape(batch_size)``, which a fused
+      sweep (`genlab.fused`) calls for many models at once;
     - ``decode(z)``: images in [0, 1] from latent codes; ``embed(x)``: codes of images,
       for families with an encoder;
     - ``code_gaussian(fit_images)``, when it has no prior (``fitted_prior = True``).
@@ -53,6 +61,9 @@ class GenerativeModel(LeanLightningModule):
     # False: samples decode codes of the prior N(0, I). True (a family without a prior):
     # codes of a diagonal Gaussian fitted to the codes of training images.
     fitted_prior: bool = False
+    # How many blocks of latent_dim outputs the encoder ends in (a VAE's: mean and
+    # log-variance); a fused sweep pads each block to the group's largest latent size.
+    code_heads: int = 1
 
     def __init__(
         self,
@@ -126,8 +137,7 @@ class GenerativeModel(LeanLightningModule):
 
     def eval_noise(self, shape: tuple[int, ...], batch_idx: int) -> Tensor:
         """Standard normal noise that is the same for a given batch on every evaluation."""
-        generator = torch.Generator(device=self.device).manual_seed(_EVAL_SEED + batch_idx)
-        return torch.randn(shape, generator=generator, device=self.device)
+        return eval_noise(shape, batch_idx, self.device)
 
     def set_example_input(self, *shape: int) -> None:
         """One input of ``forward``'s shape, for Lightning's model summary to count the FLOPs

@@ -90,7 +90,9 @@ def cb_log_normalizer(logits: Tensor) -> Tensor:
 
 def _bernoulli_nll(logits: Tensor, x: Tensor) -> Tensor:
     """sum_pixels softplus(l) - x l: the Bernoulli -log p(x|z) (cross-entropy on grey levels)."""
-    if logits.requires_grad:  # training: torch's fused kernel of softplus(l) - x l
+    # Training: torch's fused kernel of softplus(l) - x l. (Asked of autograd, not of the
+    # tensor: inside torch.func.vmap a tensor reports requires_grad=False.)
+    if torch.is_grad_enabled():
         bce = F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none")
         return bce.flatten(-3).sum(-1)
     # Evaluation, often thousands of decodings per image: the same sum, with x l as an

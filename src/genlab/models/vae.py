@@ -33,6 +33,7 @@ class VAE(GenerativeModel):
 
     metric_names = ("loss", "neg_elbo", "recon", "kl")
     visuals = ("recon", "samples", "latent", "manifold", "traversals", "interpolation")
+    code_heads = 2  # the encoder's outputs: means, then log-variances
 
     @checked("model")
     def __init__(
@@ -134,31 +135,32 @@ class VAE(GenerativeModel):
             return self.beta
         return self.beta * min(1.0, epochs_done / self.kl_warmup_epochs)
 
+    def noise_shape(self, batch_size: int) -> tuple[int, ...]:
+        """The shape of the standard normal noise `loss_terms` takes for a batch."""
+        return (batch_size, self.iw_samples, self.latent_dim)
+
     def step(self, batch: tuple[Tensor, Tensor], batch_idx: int, split: str) -> dict[str, Tensor]:
         x, _ = batch
-        shape = (x.size(0), self.iw_samples, self.latent_dim)
+        shape = self.noise_shape(x.size(0))
         if split == "train":
             eps = torch.randn(shape, device=self.device)
         else:
             eps = self.eval_noise(shape, batch_idx)
         # Validation and test use the target beta so that val/loss compares
         # epochs on one scale (and picks the best checkpoint) during warm-up.
-        beta = self.beta
-        metrics: dict[str, Tensor] = {}
         if split == "train" and self.kl_warmup_epochs > 0:
             epochs_done = self.current_epoch + batch_idx / max(1, self.trainer.num_training_batches)
             beta = self.kl_weight(epochs_done)
-            metrics["kl_weight"] = x.new_tensor(beta)
+            return {**self.loss_terms(x, eps, beta), "kl_weight": x.new_tensor(beta)}
+        return self.loss_terms(x, eps, self.beta)
+
+    def loss_terms(self, x: Tensor, eps: Tensor, beta: float | Tensor) -> dict[str, Tensor]:
+        """The metrics of a batch ``x`` with reparameterisation noise ``eps`` (shaped as
+        `noise_shape` says) and KL weight ``beta``; ``loss`` is what training minimises."""
         if self.iw_samples == 1:
             recon, kl = self.elbo_terms(x, eps.squeeze(1))
             recon, kl = recon.mean(), kl.sum(1).mean()
-            return {
-                "loss": recon + beta * kl,
-                "neg_elbo": recon + kl,
-                "recon": recon,
-                "kl": kl,
-                **metrics,
-            }
+            return {"loss": recon + beta * kl, "neg_elbo": recon + kl, "recon": recon, "kl": kl}
         recon, log_prior_ratio, kl = self.iw_terms(x, eps)
         log_k = math.log(self.iw_samples)
         # beta weighs log p(z)/q(z|x) inside each weight: beta = 1 is the IWAE bound itself.
@@ -172,5 +174,4 @@ class VAE(GenerativeModel):
             "recon": recon,
             "kl": kl,
             "neg_iw_bound": bound.mean(),
-            **metrics,
         }

@@ -1,0 +1,316 @@
+"""One LightningModule that trains a group of AE or VAE models as one stacked model.
+
+Each training step gathers every member's batch (its own data order), draws every
+member's noise from its own generator (seeded as its standalone run seeds it), runs all
+members' ``loss_terms`` at once (``torch.func.vmap`` over the stacked parameters), and
+takes one backward pass and one optimiser step for the group: each member's gradient
+depends only on its own loss, and an elementwise optimiser such as Adam then updates
+each member as its own optimiser would.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+
+from genlab import private_api
+from genlab.data.loader import BatchLoader
+from genlab.fused.stack import MemberLayout, Padding, stack, unstack
+from genlab.models.base import GenerativeModel, eval_noise
+from genlab.models.lean import _EpochSums
+from genlab.resume import epoch_seed
+
+# Checkpoint entry of a fused group's own state (split into the members' checkpoints).
+FUSED_KEY = "genlab_fused"
+
+
+class _LossTerms(nn.Module):
+    """``model.loss_terms`` as a module call, for `functional_call`: one vector of metrics."""
+
+    def __init__(self, model: GenerativeModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor, eps: Tensor | None, beta: Tensor) -> Tensor:
+        return torch.stack(list(self.model.loss_terms(x, eps, beta).values()))
+
+
+class _Samplers:
+    """Lightning's ``set_epoch`` for the data orders of every member at once."""
+
+    def __init__(self, samplers: Sequence[Any]):
+        self.samplers = samplers
+
+    def set_epoch(self, epoch: int) -> None:
+        for sampler in self.samplers:
+            sampler.set_epoch(epoch)
+
+
+class FusedLoader:
+    """Training batches for every data order of a group at once: ``(images, labels)`` of
+    shape (orders, batch, ...). Lightning sees one `BatchLoader`: its length, ``set_epoch``
+    and the resumable state, which all orders share (they advance together)."""
+
+    def __init__(self, loaders: Sequence[BatchLoader]):
+        self.loaders = loaders
+        self.sampler = _Samplers([loader.sampler for loader in loaders])
+        self.batch_sampler = None
+
+    def __len__(self) -> int:
+        return len(self.loaders[0])
+
+    def state_dict(self) -> dict[str, int]:
+        return self.loaders[0].state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for loader in self.loaders:
+            loader.load_state_dict(state)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        if len(self.loaders) == 1:  # one order for all: no copy
+            for images, labels in self.loaders[0]:
+                yield images.unsqueeze(0), labels.unsqueeze(0)
+            return
+        for batches in zip(*self.loaders):
+            yield torch.stack([b[0] for b in batches]), torch.stack([b[1] for b in batches])
+
+
+class FusedModel(pl.LightningModule):
+    """``members`` (AE or VAE models of one family and net, built and initialised as their
+    standalone runs build them) trained at once.
+
+    ``noise_seeds``: each member's run seed, from which its training noise is drawn
+    epoch by epoch as `genlab.resume.SeedEachEpoch` draws it; ``data_orders``: for each
+    member, which of the training loader's orders (one per distinct data seed) it sees.
+
+    Per member it keeps the training metrics' running sums of the epoch
+    (``epoch_sums``), the validation means of the last validation (``val_means``), and
+    whether it is still training: a member whose loss becomes NaN or infinite is masked
+    out of the loss from that step on (``diverged`` holds why), and the others go on.
+    """
+
+    def __init__(
+        self,
+        members: Sequence[GenerativeModel],
+        noise_seeds: Sequence[int],
+        data_orders: Sequence[int],
+    ):
+        super().__init__()
+        first = members[0]
+        self.size = len(members)
+        padded = max(m.hparams.latent_dim for m in members)
+        widest = next(m for m in members if m.hparams.latent_dim == padded)
+        self.layouts = [
+            MemberLayout(m, Padding(m.hparams.latent_dim, padded, first.code_heads))
+            for m in members
+        ]
+        shapes = {name: tuple(p.shape) for name, p in widest.named_parameters()}
+        stacked = stack([dict(m.named_parameters()) for m in members], self.layouts, shapes)
+        self.names = list(shapes)
+        self.stacked = nn.ParameterList(nn.Parameter(stacked[n].detach()) for n in self.names)
+        # Not submodules: their own parameters are not trained (``functional_call`` swaps
+        # in the stacked ones), and the members are only read for their settings.
+        object.__setattr__(self, "_terms", _LossTerms(widest))
+        object.__setattr__(self, "members", list(members))
+        self.padded_dim = padded
+        self.noise_seeds = list(noise_seeds)
+        self.data_orders = list(data_orders)
+        self.metric_names = list(first.metric_names)
+        self.alive = [True] * self.size
+        self.diverged: dict[int, str] = {}
+        self.epoch_sums = [_EpochSums() for _ in members]
+        self.val_means: list[dict[str, float]] = [{} for _ in members]
+        self._val_sums = [_EpochSums() for _ in members]
+        self.generators: list[torch.Generator] = []
+        self._saved_generators: list[Tensor] = []
+        # The last training step's metrics per member (as logged), and the step under which
+        # Lightning writes step logs when that step is one it writes, else None.
+        self.last_values: list[list[float]] = [[] for _ in members]
+        self.step_logged: int | None = None
+
+    # -- the members' own weights -------------------------------------------------------------
+
+    def member_weights(
+        self, index: int, stacked: dict[str, Tensor] | None = None
+    ) -> dict[str, Tensor]:
+        """Member ``index``'s weights, named and shaped as in its own model."""
+        if stacked is None:
+            stacked = {n: p.detach() for n, p in zip(self.names, self.stacked)}
+        return unstack(stacked, self.layouts[index], index)
+
+    def set_member_weights(self, index: int, weights: dict[str, Tensor]) -> None:
+        """Put member ``index``'s own weights (e.g. its best checkpoint's) in its slot."""
+        with torch.no_grad():
+            for name, param in zip(self.names, self.stacked):
+                param[index] = self.layouts[index].pad(name, weights[name], param.shape[1:])
+
+    def materialise(self, index: int) -> GenerativeModel:
+        """Member ``index`` as its own model, holding its current weights."""
+        model = self.members[index]
+        model.load_state_dict(self.member_weights(index), strict=False)
+        return model.to(self.device)
+
+    # -- the step ------------------------------------------------------------------------------
+
+    def _metrics(self, x: Tensor, x_dims: int | None, eps: Tensor | None, beta: Tensor) -> Tensor:
+        """Every member's metrics (``loss_terms`` values, in order): shape (members, names)."""
+        params = {f"model.{n}": p for n, p in zip(self.names, self.stacked)}
+
+        def one(params: dict[str, Tensor], x: Tensor, eps: Tensor | None, beta: Tensor) -> Tensor:
+            return functional_call(self._terms, params, (x, eps, beta))
+
+        eps_dims = None if eps is None else 0
+        return vmap(one, in_dims=(0, x_dims, eps_dims, 0))(params, x, eps, beta)
+
+    def _noise(self, batch_size: int, draw: Any) -> Tensor | None:
+        """Each member's noise, drawn by ``draw(member index, shape)``, zero-padded."""
+        shapes = [m.noise_shape(batch_size) for m in self.members]
+        if shapes[0] is None:
+            return None
+        eps = torch.zeros(self.size, *shapes[0][:-1], self.padded_dim, device=self.device)
+        for i, shape in enumerate(shapes):
+            eps[i, ..., : shape[-1]] = draw(i, shape)
+        return eps
+
+    def _betas(self, epochs_done: float | None) -> Tensor:
+        """Each member's KL weight: its beta, or its warm-up's weight in training."""
+        betas = []
+        for m in self.members:
+            beta = getattr(m, "beta", 0.0)
+            if epochs_done is not None and getattr(m, "kl_warmup_epochs", 0) > 0:
+                beta = m.kl_weight(epochs_done)
+            betas.append(beta)
+        return torch.tensor(betas, device=self.device)
+
+    def on_train_epoch_start(self) -> None:
+        epoch = self.current_epoch
+        self.generators = [
+            torch.Generator(device=self.device).manual_seed(epoch_seed(seed, epoch))
+            for seed in self.noise_seeds
+        ]
+        self.epoch_sums = [_EpochSums() for _ in range(self.size)]
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
+        images = batch[0]
+        if images.size(0) == 1:  # one data order: every member sees the same batch
+            x, x_dims = images[0], None
+        else:
+            x, x_dims = images[torch.tensor(self.data_orders, device=images.device)], 0
+        batch_size = images.size(1)
+        gens = self.generators
+        eps = self._noise(
+            batch_size, lambda i, shape: torch.randn(shape, generator=gens[i], device=self.device)
+        )
+        epochs_done = self.current_epoch + batch_idx / max(1, self.trainer.num_training_batches)
+        betas = self._betas(epochs_done)
+        values = self._metrics(x, x_dims, eps, betas)
+        self._account(values.detach().tolist(), betas.tolist(), batch_size)
+        writes = private_api.writes_step_logs(self.trainer)
+        self.step_logged = private_api.logged_step(self.trainer) if writes else None
+        alive = [i for i in range(self.size) if self.alive[i]]
+        if not alive:
+            self.trainer.should_stop = True
+            return None  # nothing left to train: Lightning skips the step
+        return values[torch.tensor(alive, device=values.device), 0].sum()
+
+    def _account(self, values: list[list[float]], betas: list[float], batch_size: int) -> None:
+        """Add a step's metrics to each training member's sums; mask out the diverged."""
+        for i, row in enumerate(values):
+            if not self.alive[i]:
+                continue
+            names = self.member_metric_names(i)
+            if len(names) > len(row):
+                row = [*row, betas[i]]
+            self.last_values[i] = row
+            bad = [f"train/{n}={v}" for n, v in zip(names, row) if not math.isfinite(v)]
+            if bad:
+                self.alive[i] = False
+                self.diverged[i] = (
+                    f"Training diverged: {', '.join(bad)} at epoch {self.current_epoch}, "
+                    f"step {self.global_step}."
+                )
+                continue
+            self.epoch_sums[i].add(names, row, batch_size)
+
+    def member_metric_names(self, index: int) -> list[str]:
+        """The training metrics member ``index`` logs (``kl_weight`` during a warm-up)."""
+        warmup = getattr(self.members[index], "kl_warmup_epochs", 0) > 0
+        return [*self.metric_names, "kl_weight"] if warmup else self.metric_names
+
+    # -- evaluation ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate_batch(self, x: Tensor, batch_idx: int) -> Tensor:
+        """Every member's metrics on an evaluation batch, with the evaluation noise its
+        own model draws (`genlab.models.base.eval_noise`) and its target beta."""
+        cache: dict[tuple[int, ...], Tensor] = {}
+
+        def draw(i: int, shape: tuple[int, ...]) -> Tensor:
+            if shape not in cache:
+                cache[shape] = eval_noise(shape, batch_idx, self.device)
+            return cache[shape]
+
+        return self._metrics(x, None, self._noise(x.size(0), draw), self._betas(None))
+
+    def evaluate(self, loader: BatchLoader) -> list[dict[str, float]]:
+        """Each member's means over ``loader``'s batches, by metric name."""
+        sums = [_EpochSums() for _ in range(self.size)]
+        for batch_idx, (x, _) in enumerate(loader):
+            self._add(sums, self.evaluate_batch(x.to(self.device), batch_idx), x.size(0))
+        return [{n: v / s.count for n, v in s.sums.items()} for s in sums]
+
+    def _add(self, sums: list[_EpochSums], values: Tensor, batch_size: int) -> None:
+        for s, row in zip(sums, values.tolist()):
+            s.add(self.metric_names, row, batch_size)
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums = [_EpochSums() for _ in range(self.size)]
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._add(self._val_sums, self.evaluate_batch(batch[0], batch_idx), batch[0].size(0))
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking:
+            self.val_means = [
+                {n: v / s.count for n, v in s.sums.items()} if s.count else {}
+                for s in self._val_sums
+            ]
+
+    # -- optimiser and checkpoints -----------------------------------------------------------------
+
+    def configure_optimizers(self) -> Any:
+        first = self.members[0]
+        optimizer = first.optimizer_factory(self.parameters())
+        if first.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": first.build_scheduler(optimizer)}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[FUSED_KEY] = {
+            "generators": [g.get_state() for g in self.generators],
+            "epoch_sums": [{"sums": dict(s.sums), "count": s.count} for s in self.epoch_sums],
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # A group resumed mid-epoch does not start the epoch again (no on_train_epoch_start):
+        # its noise streams and sums go on from the checkpoint's.
+        state = checkpoint.get(FUSED_KEY, {})
+        self._saved_generators = list(state.get("generators", []))
+        if "epoch_sums" in state:
+            self.epoch_sums = [_EpochSums(s["sums"], s["count"]) for s in state["epoch_sums"]]
+
+    def on_train_start(self) -> None:
+        # Here, not on loading: the model is on its device only now.
+        if self._saved_generators:
+            self.generators = []
+            for saved in self._saved_generators:
+                generator = torch.Generator(device=self.device)
+                generator.set_state(saved)
+                self.generators.append(generator)
+            self._saved_generators = []

@@ -1,0 +1,1 @@
+"""genlab's Hydra launchers (``hydra/launcher=fused``)."""
