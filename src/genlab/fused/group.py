@@ -509,7 +509,10 @@ def _test(trainer: pl.Trainer, runs: FusedRuns, datamodule: Any, stopper: StopSi
             model.set_member_weights(index, checkpoint["state_dict"])
         tested[index] = path
     model.eval()
-    results = model.evaluate(datamodule.test_dataloader())
+    loader = datamodule.test_dataloader()
+    results = model.evaluate(
+        loader, _limit(members[0].cfg.trainer.get("limit_test_batches"), len(loader))
+    )
     step = private_api.logged_step(trainer)
     stopper.phase = "evaluation"
     for index in training:
@@ -562,3 +565,13 @@ def _test(trainer: pl.Trainer, runs: FusedRuns, datamodule: Any, stopper: StopSi
             numbers,
             (member.output_dir / METRICS_FILE).resolve(),
         )
+
+
+def _limit(limit: float | None, total: int) -> int:
+    """How many of ``total`` batches Lightning's ``limit_*_batches`` lets a loop run: a
+    count (int), or a fraction (float)."""
+    if limit is None:
+        return total
+    if isinstance(limit, float):
+        return int(total * limit)
+    return min(int(limit), total)

@@ -31,6 +31,7 @@ from hydra.core.utils import (
 )
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+from omegaconf.errors import OmegaConfBaseException
 
 from genlab.config.validate import resolved, validate
 from genlab.continuation import objective, plan_job, record_attempt
@@ -104,7 +105,7 @@ def unfusable(config: dict[str, Any]) -> str | None:
 def _qualname(target: Any) -> str | None:
     try:
         cls = get_class(str(target))
-    except Exception:  # an unknown class: validation names it
+    except (ImportError, ValueError):  # an unknown class: validation names it
         return None
     return f"{cls.__module__}.{cls.__qualname__}"
 
@@ -209,7 +210,7 @@ def _prepare(job_config: DictConfig, sweep_dir: Path, member_type: Any, build: A
     job = Path(str(job_config.hydra.runtime.output_dir)).name
     try:
         everything = OmegaConf.to_container(task, resolve=True)
-    except Exception:  # a broken interpolation: the job's own run says which
+    except OmegaConfBaseException:  # a broken interpolation: the job's own run says which
         return "its config does not resolve"
     reason = unfusable(everything)
     if reason is not None or task.get("resume") is not None:
@@ -238,7 +239,7 @@ def _prepare(job_config: DictConfig, sweep_dir: Path, member_type: Any, build: A
             resume=plan.action == "resume",
         )
         build(member)
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 - recorded in the job's folder; the sweep goes on
         _failed(task, err)
         return _job_return(job_config, task, objective(task, {}))
     if plan.action == "resume":
@@ -301,7 +302,7 @@ def _run_group(
         with _job_logs(first_config, [m.output_dir for m in members[1:]]):
             try:
                 train_group(members, sweep_dir)
-            except Exception as err:
+            except Exception as err:  # noqa: BLE001 - recorded in each job's folder, as in a basic sweep
                 for member in members:
                     if member.metrics is None:
                         _failed(member.composed, err)

@@ -258,10 +258,13 @@ class FusedModel(pl.LightningModule):
 
         return self._metrics(x, None, self._noise(x.size(0), draw), self._betas(None))
 
-    def evaluate(self, loader: BatchLoader) -> list[dict[str, float]]:
-        """Each member's means over ``loader``'s batches, by metric name."""
+    def evaluate(self, loader: BatchLoader, batches: int | None = None) -> list[dict[str, float]]:
+        """Each member's means over ``loader``'s first ``batches`` batches (None: all), by
+        metric name."""
         sums = [_EpochSums() for _ in range(self.size)]
         for batch_idx, (x, _) in enumerate(loader):
+            if batches is not None and batch_idx >= batches:
+                break
             self._add(sums, self.evaluate_batch(x.to(self.device), batch_idx), x.size(0))
         return [{n: v / s.count for n, v in s.sums.items()} for s in sums]
 

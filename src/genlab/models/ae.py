@@ -62,7 +62,6 @@ class AE(GenerativeModel):
 
     def noise_shape(self, batch_size: int) -> None:
         """An AE's loss draws no noise."""
-        return None
 
     def step(self, batch: tuple[Tensor, Tensor], batch_idx: int, split: str) -> dict[str, Tensor]:
         return self.loss_terms(batch[0])
