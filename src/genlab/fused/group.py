@@ -274,7 +274,7 @@ class FusedRuns(pl.Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         model, epoch = self.model, trainer.current_epoch
         step = private_api.logged_step(trainer)
-        lines, ranked = [], []
+        shown, ranked = [], []
         for index in self.training():
             sums = model.epoch_sums[index]
             train = (
@@ -282,17 +282,15 @@ class FusedRuns(pl.Callback):
             )
             val = {f"val/{n}": v for n, v in model.val_means[index].items()}
             self._log(index, {**train, **val}, step)
-            numbers = {**train, **val}
-            lines.append(
-                f"job {self.members[index].job}: "
-                + ", ".join(f"{k} {v:.4g}" for k, v in numbers.items() if k.endswith("/loss"))
-            )
             member = self.members[index]
+            shown.append((member.job, val.get("val/loss", train.get("train/loss", math.nan))))
             if member.ranking is not None and val:
-                ranked.append((index, numbers))
+                ranked.append((index, {**train, **val}))
         last = trainer.max_epochs
         of = f" ({epoch + 1} of {last})" if last is not None and last >= 0 else ""
-        log.info("Epoch %d%s: %s", epoch, of, "; ".join(lines))
+        which = "val/loss" if any(model.val_means[i] for i in self.training()) else "train/loss"
+        numbers = ", ".join(f"{job}: {value:.4g}" for job, value in shown)
+        log.info("Epoch %d%s, %s by job: %s", epoch, of, which, numbers)
         self._save_best(trainer, ranked)
         for index in self.training():
             member = self.members[index]
@@ -458,9 +456,10 @@ def train_group(members: list[Member], group_dir: Path) -> None:
                 member.logger.log_hyperparams(member.run_config)
         jobs = ", ".join(m.job for m in members)
         log.info(
-            "Fused: jobs %s train as one model in this process (%d parameters, latent "
+            "Fused: %s %s as one model in this process (%d parameters, latent "
             "codes padded to %d). Run directories: %s/{%s}.",
-            jobs,
+            "jobs" if len(members) > 1 else "job",
+            f"{jobs} train" if len(members) > 1 else f"{jobs} trains",
             sum(p.numel() for p in model.parameters()),
             model.padded_dim,
             members[0].output_dir.parent.resolve(),

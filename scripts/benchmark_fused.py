@@ -1,0 +1,170 @@
+"""Fused sweeps against the basic and joblib launchers, measured side by side in one sitting.
+
+    python scripts/benchmark_fused.py                 # everything below (about 15 minutes on 2 cores)
+    python scripts/benchmark_fused.py --no-epochs     # without the 3-epoch sweeps
+
+Measures, with the default VAE (784-512-256-16, batch 128), pictures and checkpoints on:
+  - a 16-job latent_dim x beta sweep of 5-batch jobs with each launcher (medians of
+    --repeats runs, interleaved) and of 3-epoch jobs (once each): whole `genlab-train -m`
+    commands, wall time;
+  - the compute floor of a training step: one model's step in a plain loop (loss, backward,
+    Adam), sixteen such steps one after another, and one step of the 16 models fused;
+  - memory per fused member: the peak resident memory of a process training a fused group of
+    1, 16 and 64 members.
+Prints Markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmark_sweep import GRID, SHORT, THREE_EPOCHS, sweep_seconds
+
+LAUNCHERS = ("basic", "joblib", "fused")
+
+
+def step_floor(rounds: int = 5, steps: int = 10) -> dict[str, float]:
+    """Milliseconds per training step (median over ``rounds``): one model alone, sixteen
+    one after another, and the sixteen fused."""
+    import torch
+    from hydra.utils import instantiate
+
+    from genlab.config import compose_config
+    from genlab.fused.model import FusedModel
+
+    models = []
+    for latent in (2, 4, 8, 16):
+        for beta in (0.5, 1, 2, 4):
+            cfg = compose_config([f"model.latent_dim={latent}", f"model.beta={beta}"])
+            models.append(instantiate(cfg.model))
+    x = torch.rand(128, 1, 28, 28)
+    apart = [torch.optim.Adam(m.parameters(), lr=1e-3, fused=True) for m in models]
+
+    def one_step(model, optimizer) -> None:
+        eps = torch.randn(model.noise_shape(128))
+        loss = model.loss_terms(x, eps, model.beta)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        loss.item()  # the one read per step a training loop makes
+
+    fused = FusedModel(models, [0] * 16, [0] * 16)
+    together = torch.optim.Adam(fused.parameters(), lr=1e-3, fused=True)
+    betas = torch.tensor([m.beta for m in models])
+
+    def fused_step() -> None:
+        eps = torch.randn(16, 128, 1, 16)
+        values = fused._metrics(x, None, eps, betas)
+        together.zero_grad()
+        values[:, 0].sum().backward()
+        together.step()
+        values.tolist()
+
+    def timed(work) -> float:
+        work()  # warm-up
+        times = []
+        for _ in range(rounds):
+            start = time.perf_counter()
+            for _ in range(steps):
+                work()
+            times.append((time.perf_counter() - start) / steps * 1000)
+        return statistics.median(times)
+
+    return {
+        "one model": timed(lambda: one_step(models[15], apart[15])),
+        "16 models, one after another": timed(
+            lambda: [one_step(m, o) for m, o in zip(models, apart)]
+        ),
+        "16 models fused": timed(fused_step),
+    }
+
+
+_MEMORY = """
+import resource, sys, torch
+from hydra.utils import instantiate
+from genlab.config import compose_config
+from genlab.fused.model import FusedModel
+n = int(sys.argv[1])
+models = [instantiate(compose_config([f"model.latent_dim={2 + i % 15}"]).model) for i in range(n)]
+fused = FusedModel(models, [0] * n, [0] * n)
+optimizer = torch.optim.Adam(fused.parameters(), lr=1e-3, fused=True)
+x = torch.rand(128, 1, 28, 28)
+for _ in range(3):
+    values = fused._metrics(x, None, torch.randn(n, 128, 1, 16), torch.ones(n))
+    optimizer.zero_grad()
+    values[:, 0].sum().backward()
+    optimizer.step()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def peak_memory_mb(members: int) -> float:
+    """Peak resident memory (MB) of a process training a fused group of ``members``."""
+    done = subprocess.run(
+        [sys.executable, "-c", _MEMORY, str(members)], capture_output=True, text=True, check=True
+    )
+    return int(done.stdout.split()[-1]) / 1024  # ru_maxrss is in KiB on Linux
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-epochs", action="store_true", help="skip the 3-epoch sweeps")
+    args = parser.parse_args()
+    folder = Path(tempfile.mkdtemp(prefix="genlab-fused-bench-"))
+    print(
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.\n"
+    )
+    short: dict[str, list[float]] = {launcher: [] for launcher in LAUNCHERS}
+    for _ in range(args.repeats):  # interleaved, so that drift of the machine hits all alike
+        for launcher in LAUNCHERS:
+            command = [*GRID, *SHORT, f"hydra/launcher={launcher}"]
+            short[launcher].append(sweep_seconds(None, command, folder / launcher))
+    basic = statistics.median(short["basic"])
+    print(f"16 jobs of 5 training batches (medians of {args.repeats}, interleaved):\n")
+    print("| launcher | 16-job sweep (s) | against basic |")
+    print("|---|---|---|")
+    for launcher in LAUNCHERS:
+        seconds = statistics.median(short[launcher])
+        print(f"| {launcher} | {seconds:.1f} | {seconds / basic:.2f}x |")
+    if not args.no_epochs:
+        print("\n16 jobs of 3 epochs (one run each):\n")
+        print("| launcher | 16-job sweep (s) | against basic |")
+        print("|---|---|---|")
+        epochs = {
+            launcher: sweep_seconds(
+                None, [*GRID, *THREE_EPOCHS, f"hydra/launcher={launcher}"], folder / launcher
+            )
+            for launcher in LAUNCHERS
+        }
+        for launcher, seconds in epochs.items():
+            print(f"| {launcher} | {seconds:.0f} | {seconds / epochs['basic']:.2f}x |")
+    print("\nOne training step, batch 128 (ms; medians of 5 rounds of 10 steps):\n")
+    print("| what | ms per step | per model |")
+    print("|---|---|---|")
+    for what, ms in step_floor().items():
+        per = ms / (1 if what == "one model" else 16)
+        print(f"| {what} | {ms:.1f} | {per:.1f} |")
+    sizes = (1, 16, 64)
+    peaks = {n: peak_memory_mb(n) for n in sizes}
+    print("\nPeak memory of a fused group (default VAEs, batch 128, Adam):\n")
+    print("| members | peak resident memory (MB) |")
+    print("|---|---|")
+    for n, mb in peaks.items():
+        print(f"| {n} | {mb:.0f} |")
+    per_member = (peaks[64] - peaks[1]) / 63
+    print(f"\nEach further member: {per_member:.1f} MB, about {1024 / per_member:.0f} per GB.")
+
+
+if __name__ == "__main__":
+    main()
