@@ -3,7 +3,8 @@
     python scripts/benchmark_fused.py                 # everything below (about 15 minutes on 2 cores)
     python scripts/benchmark_fused.py --no-epochs     # without the 3-epoch sweeps
 
-Measures, with the default VAE (784-512-256-16, batch 128), pictures and checkpoints on:
+Measures, with the seed VAE's net (MLP 784-256-latent, batch 128; --hidden 512,256 for the
+default VAE's), pictures and checkpoints on:
   - a 16-job latent_dim x beta sweep of 5-batch jobs with each launcher (medians of
     --repeats runs, interleaved) and of 3-epoch jobs (once each): whole `genlab-train -m`
     commands, wall time;
@@ -32,7 +33,7 @@ from benchmark_sweep import GRID, SHORT, THREE_EPOCHS, sweep_seconds
 LAUNCHERS = ("basic", "joblib", "fused")
 
 
-def step_floor(rounds: int = 5, steps: int = 10) -> dict[str, float]:
+def step_floor(net: list[str], rounds: int = 5, steps: int = 10) -> dict[str, float]:
     """Milliseconds per training step (median over ``rounds``): one model alone, sixteen
     one after another, and the sixteen fused."""
     import torch
@@ -44,7 +45,7 @@ def step_floor(rounds: int = 5, steps: int = 10) -> dict[str, float]:
     models = []
     for latent in (2, 4, 8, 16):
         for beta in (0.5, 1, 2, 4):
-            cfg = compose_config([f"model.latent_dim={latent}", f"model.beta={beta}"])
+            cfg = compose_config([*net, f"model.latent_dim={latent}", f"model.beta={beta}"])
             models.append(instantiate(cfg.model))
     x = torch.rand(128, 1, 28, 28)
     apart = [torch.optim.Adam(m.parameters(), lr=1e-3, fused=True) for m in models]
@@ -93,13 +94,13 @@ import resource, sys, torch
 from hydra.utils import instantiate
 from genlab.config import compose_config
 from genlab.fused.model import FusedModel
-n = int(sys.argv[1])
-models = [instantiate(compose_config([f"model.latent_dim={2 + i % 15}"]).model) for i in range(n)]
+n, net = int(sys.argv[1]), sys.argv[2:]
+models = [instantiate(compose_config([*net, f"model.latent_dim={2 + i % 15}"]).model) for i in range(n)]
 fused = FusedModel(models, [0] * n, [0] * n)
 optimizer = torch.optim.Adam(fused.parameters(), lr=1e-3, fused=True)
 x = torch.rand(128, 1, 28, 28)
 for _ in range(3):
-    values = fused._metrics(x, None, torch.randn(n, 128, 1, 16), torch.ones(n))
+    values = fused._metrics(x, None, torch.randn(n, 128, 1, fused.padded_dim), torch.ones(n))
     optimizer.zero_grad()
     values[:, 0].sum().backward()
     optimizer.step()
@@ -107,28 +108,50 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
 
-def peak_memory_mb(members: int) -> float:
+def peak_memory_mb(members: int, net: list[str]) -> float:
     """Peak resident memory (MB) of a process training a fused group of ``members``."""
     done = subprocess.run(
-        [sys.executable, "-c", _MEMORY, str(members)], capture_output=True, text=True, check=True
+        [sys.executable, "-c", _MEMORY, str(members), *net],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return int(done.stdout.split()[-1]) / 1024  # ru_maxrss is in KiB on Linux
+
+
+def print_agreement(fused: Path, basic: Path) -> None:
+    """How far each fused job's test metrics are from the same job's under the basic launcher."""
+    import json
+
+    worst: dict[str, float] = {}
+    for job in sorted(p.name for p in basic.iterdir() if p.name.isdigit()):
+        a = json.loads((fused / job / "metrics.json").read_text())
+        b = json.loads((basic / job / "metrics.json").read_text())
+        for key in (k for k in b if k.startswith("test/")):
+            worst[key] = max(worst.get(key, 0.0), abs(a[key] - b[key]) / abs(b[key]))
+    print("\nFused against basic after 3 epochs, largest relative difference over the 16 jobs:\n")
+    print("| metric | largest relative difference |")
+    print("|---|---|")
+    for key, value in worst.items():
+        print(f"| {key} | {value:.1e} |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-epochs", action="store_true", help="skip the 3-epoch sweeps")
+    parser.add_argument("--hidden", default="256", help="the MLP's hidden widths (default: 256)")
     args = parser.parse_args()
+    net = [f"model.net.hidden_dims=[{args.hidden}]"]
     folder = Path(tempfile.mkdtemp(prefix="genlab-fused-bench-"))
     print(
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.\n"
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; VAE with {net[0]}.\n"
     )
     short: dict[str, list[float]] = {launcher: [] for launcher in LAUNCHERS}
     for _ in range(args.repeats):  # interleaved, so that drift of the machine hits all alike
         for launcher in LAUNCHERS:
-            command = [*GRID, *SHORT, f"hydra/launcher={launcher}"]
+            command = [*GRID, *net, *SHORT, f"hydra/launcher={launcher}"]
             short[launcher].append(sweep_seconds(None, command, folder / launcher))
     basic = statistics.median(short["basic"])
     print(f"16 jobs of 5 training batches (medians of {args.repeats}, interleaved):\n")
@@ -143,21 +166,24 @@ def main() -> None:
         print("|---|---|---|")
         epochs = {
             launcher: sweep_seconds(
-                None, [*GRID, *THREE_EPOCHS, f"hydra/launcher={launcher}"], folder / launcher
+                None,
+                [*GRID, *net, *THREE_EPOCHS, f"hydra/launcher={launcher}"],
+                folder / launcher,
             )
             for launcher in LAUNCHERS
         }
         for launcher, seconds in epochs.items():
             print(f"| {launcher} | {seconds:.0f} | {seconds / epochs['basic']:.2f}x |")
+        print_agreement(folder / "fused", folder / "basic")
     print("\nOne training step, batch 128 (ms; medians of 5 rounds of 10 steps):\n")
     print("| what | ms per step | per model |")
     print("|---|---|---|")
-    for what, ms in step_floor().items():
+    for what, ms in step_floor(net).items():
         per = ms / (1 if what == "one model" else 16)
         print(f"| {what} | {ms:.1f} | {per:.1f} |")
     sizes = (1, 16, 64)
-    peaks = {n: peak_memory_mb(n) for n in sizes}
-    print("\nPeak memory of a fused group (default VAEs, batch 128, Adam):\n")
+    peaks = {n: peak_memory_mb(n, net) for n in sizes}
+    print("\nPeak memory of a fused group (batch 128, Adam):\n")
     print("| members | peak resident memory (MB) |")
     print("|---|---|")
     for n, mb in peaks.items():
