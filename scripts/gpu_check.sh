@@ -12,6 +12,8 @@
 #   3. the GPU rows of the benchmark: genlab against plain PyTorch on the same GPU
 #   4. experiment=seed_vae_mnist trained on the GPU, end to end
 #   5. genlab-eval eval.nll_samples=5000 of that run, on all 10,000 test images
+#   6. fused sweeps against the basic launcher on the GPU (scripts/benchmark_fused.py:
+#      16-job sweeps, the step, memory and epoch time of 1, 16 and 64 fused members)
 #
 # and writes summary.json and summary.md into the output folder, with each step's log.
 # A step that fails is recorded and the others still run; the exit code is the number of
@@ -61,6 +63,7 @@ run seed_vae 90 genlab-train experiment=seed_vae_mnist trainer=gpu \
   trainer.enable_progress_bar=false hydra.run.dir="$out/seed_vae_mnist"
 run nll_5000 90 genlab-eval ckpt_path="$out/seed_vae_mnist/checkpoints/last.ckpt" \
   eval.nll_samples=5000 eval.device=cuda hydra.run.dir="$out/seed_vae_mnist_eval"
+run fused_sweeps 300 python scripts/benchmark_fused.py --device cuda --repeats 1 --epochs 1
 
 printf '%s\n' "${steps[@]}" >"$out/steps.txt"
 python - "$out" <<'EOF'

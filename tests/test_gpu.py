@@ -8,12 +8,14 @@ on a new GPU machine.
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import pytorch_lightning as pl
 import torch
 
+from commands import run_commands
 from conftest import FAST_EVAL
 from genlab.config import compose_config
 from genlab.evaluate import evaluate
@@ -119,3 +121,26 @@ def test_a_steady_state_training_step_never_waits_for_the_gpu(make_cfg, tmp_path
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert metrics["status"] == "completed" and NoSyncInSteps.checked == 4
+
+
+def test_a_fused_sweep_trains_on_the_gpu_as_the_basic_launcher(data_dir, tmp_path):
+    """The same jobs, fused on the GPU and one by one on the GPU: the same numbers, to the
+    GPU's float tolerance (the stacked matrix products sum in another order)."""
+    grid = ["-m", "model.latent_dim=2,4", "model.beta=0.5,2", "trainer=gpu", *STEPS]
+    grid += ["trainer.max_epochs=2", "trainer.enable_progress_bar=false"]
+    fused, basic = run_commands(
+        "genlab-train",
+        [
+            {"args": [*grid, "hydra/launcher=fused", f"hydra.sweep.dir={tmp_path / 'fused'}"]},
+            {"args": [*grid, f"hydra.sweep.dir={tmp_path / 'basic'}"]},
+        ],
+        data_dir,
+        tmp_path,
+    )
+    assert fused["code"] == 0 and basic["code"] == 0, fused["stderr"][-3000:]
+    assert "Fused: jobs 0, 1, 2, 3 train as one model" in fused["stdout"] + fused["stderr"]
+    for job in "0123":
+        together = json.loads((tmp_path / "fused" / job / "metrics.json").read_text())
+        alone = json.loads((tmp_path / "basic" / job / "metrics.json").read_text())
+        for name, value in _losses(alone).items():
+            assert together[name] == pytest.approx(value, rel=1e-3), (job, name)

@@ -138,6 +138,7 @@ class FusedRuns(pl.Callback):
         self.start = start
         self.model: FusedModel | None = None
         self.datamodule: Any = None
+        self.device = torch.device("cpu")  # the training device, once the trainer is built
         self._recorded: set[int] = set()  # members whose stop is already in metrics.json
         self._restart_pending = any(m.resume for m in members)
 
@@ -169,8 +170,8 @@ class FusedRuns(pl.Callback):
         # The member's noise stream where its standalone run keeps it: the global generator
         # that SeedEachEpoch saves.
         randomness = rng_state()
-        if model.device.type == "cuda":
-            randomness["cuda"][model.device.index or 0] = own["generators"][index]
+        if self.device.type == "cuda":
+            randomness["cuda"][self.device.index or 0] = own["generators"][index]
         else:
             randomness["torch"] = own["generators"][index]
         callbacks = {SeedEachEpoch(0).state_key: randomness}
@@ -229,17 +230,23 @@ class FusedRuns(pl.Callback):
                             for c, layout in zip(saved, model.layouts)
                         ]
                     )
-                    if torch.is_tensor(value) and tuple(value.shape) == layout_shape(model, 0, name)
+                    if torch.is_tensor(value)
+                    and tuple(value.shape) == model.layouts[0].shapes[name]
                     else value
                     for key, value in values.items()
                 }
             optimizers.append({"state": per_param, "param_groups": group_state["param_groups"]})
         fused["optimizer_states"] = optimizers
-        on_cuda = model.device.type == "cuda"
+        # Where a standalone run keeps its noise stream: also a checkpoint from a basic sweep.
+        on_cuda = self.device.type == "cuda"
         generators = []
         for c in saved:
             randomness = c.get("callbacks", {}).get(SeedEachEpoch(0).state_key, {})
-            generators.append(randomness["cuda"][0] if on_cuda else randomness.get("torch"))
+            cuda = randomness.get("cuda") or []
+            index = self.device.index or 0
+            generators.append(
+                (cuda[index] if index < len(cuda) else None) if on_cuda else randomness.get("torch")
+            )
         fused[FUSED_KEY] = {
             "generators": generators if all(g is not None for g in generators) else [],
             "epoch_sums": [c.get("genlab_epoch_sums", {"sums": {}, "count": 0}) for c in saved],
@@ -374,11 +381,6 @@ def _rank(
     return path, dropped
 
 
-def layout_shape(model: FusedModel, index: int, name: str) -> tuple[int, ...]:
-    """The shape of member ``index``'s parameter ``name``."""
-    return model.layouts[index].shapes[name]
-
-
 def build_member(member: Member) -> None:
     """Build ``member``'s model as its standalone run would (seeded, then instantiated),
     and read its last.ckpt when it resumes; a `GenlabError` says why it cannot train."""
@@ -429,7 +431,7 @@ def train_group(members: list[Member], group_dir: Path) -> None:
             default_root_dir=str(group_dir / GROUP_CHECKPOINTS),
         )
         runtime.cache_cuda_check(trainer)
-        stopper.trainer = trainer
+        stopper.trainer, runs.device = trainer, trainer.strategy.root_device
         datamodule.trainer = trainer  # its splits go to the training device
         datamodule.setup("fit")
         datamodule.setup("test")

@@ -189,11 +189,7 @@ class FusedModel(pl.LightningModule):
         return torch.tensor(betas, device=self.device)
 
     def on_train_epoch_start(self) -> None:
-        epoch = self.current_epoch
-        self.generators = [
-            torch.Generator(device=self.device).manual_seed(epoch_seed(seed, epoch))
-            for seed in self.noise_seeds
-        ]
+        self.generators = self._seeded_generators(self.current_epoch)
         self.epoch_sums = [_EpochSums() for _ in range(self.size)]
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
@@ -309,11 +305,16 @@ class FusedModel(pl.LightningModule):
             self.epoch_sums = [_EpochSums(s["sums"], s["count"]) for s in state["epoch_sums"]]
 
     def on_train_start(self) -> None:
-        # Here, not on loading: the model is on its device only now.
-        if self._saved_generators:
-            self.generators = []
-            for saved in self._saved_generators:
-                generator = torch.Generator(device=self.device)
-                generator.set_state(saved)
-                self.generators.append(generator)
-            self._saved_generators = []
+        # Here, not on loading: the model is on its device only now. (Without saved streams,
+        # a group resumed mid-epoch draws the rest of the epoch's noise afresh.)
+        self.generators = self._seeded_generators(self.current_epoch)
+        for generator, saved in zip(self.generators, self._saved_generators):
+            generator.set_state(saved)
+        self._saved_generators = []
+
+    def _seeded_generators(self, epoch: int) -> list[torch.Generator]:
+        """Each member's noise stream of ``epoch``, seeded as `SeedEachEpoch` seeds it."""
+        return [
+            torch.Generator(device=self.device).manual_seed(epoch_seed(seed, epoch))
+            for seed in self.noise_seeds
+        ]
