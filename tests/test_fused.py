@@ -157,6 +157,7 @@ def test_which_jobs_fuse_and_which_run_alone():
     assert "batch norm" in unfusable(config("model.net.norm=batch"))
     assert "gradient clipping" in unfusable(config("trainer.gradient_clip_val=1.0"))
     assert "model.compile" in unfusable(config("model.compile=true"))
+    assert "one device" in unfusable(config("trainer=ddp"))
     # Members may differ in latent size, beta, warm-up and seed; not in width or lr.
     same = program_key(config("model.latent_dim=2", "model.beta=4", "seed=3"))
     assert same == program_key(config("model.latent_dim=8", "model.kl_warmup_epochs=2"))

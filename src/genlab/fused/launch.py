@@ -82,8 +82,8 @@ def unfusable(config: dict[str, Any]) -> str | None:
     optimizer = str(model.get("optimizer", {}).get("_target_", "")).rsplit(".", 1)[-1]
     if optimizer not in _ELEMENTWISE:
         return f"model.optimizer {optimizer} (fused: {', '.join(_ELEMENTWISE)})"
-    if str(trainer.get("devices", 1)) not in ("1", "auto") or trainer.get("num_nodes", 1) != 1:
-        return "more than one device"
+    if str(trainer.get("devices", 1)) not in ("1", "[0]") or trainer.get("num_nodes", 1) != 1:
+        return f"trainer.devices={trainer.get('devices')} (fused: one device, trainer.devices=1)"
     if str(trainer.get("strategy", "auto")) != "auto" or trainer.get("plugins"):
         return "trainer.strategy or trainer.plugins"
     if str(trainer.get("precision", "32-true")) not in ("32", "32-true"):
