@@ -180,14 +180,25 @@ def sweeps(data_dir, tmp_path_factory) -> tuple[Path, dict[str, dict]]:
         "diverging": (["model.latent_dim=2,4", FUSED, *TINY], {"TEST_NAN": "1"}),
         "stopped": (["model.latent_dim=2,4", FUSED, *TINY], {"TEST_STOP": "SIGTERM"}),
         "uninterrupted": (["model.latent_dim=2,4", FUSED, *TINY], {}),
+        "no members": ([FUSED, "hydra.launcher.max_members=0", *TINY], {}),
+        "seeds": (["seed=1,2", "model.latent_dim=2,3", FUSED, *TINY], {}),
+        "seeds-basic": (["seed=1,2", "model.latent_dim=2,3", *TINY], {}),
     }
     runs = [
         {"args": ["-m", *args, f"hydra.sweep.dir={folder / name}"], "env": env}
         for name, (args, env) in cases.items()
     ]
-    runs.append({**runs[4], "env": {}})  # the stopped sweep's command again
+    runs.append({**runs[4], "env": {}})  # the stopped sweep's command again: the last run
     results = run_commands("genlab-train", runs, data_dir, folder, prelude=PRELUDE)
     return folder, dict(zip([*cases, "stopped, again"], results, strict=True))
+
+
+def test_a_group_size_below_one_is_a_clear_error(sweeps):
+    _, results = sweeps
+    result = results["no members"]
+    assert result["code"] == 1
+    assert "hydra.launcher.max_members=0 must be a whole number of at least 1" in result["stderr"]
+    assert "Traceback" not in result["stderr"]
 
 
 def test_a_fused_sweep_writes_every_job_as_a_complete_run(sweeps, data_dir):
@@ -256,6 +267,15 @@ def test_fused_members_match_the_same_jobs_run_alone(sweeps):
         assert not _close(_metrics(folder / "fused" / job), alone, rel=1e-4)
         assert not _close(_metrics(folder / "one member each" / job), alone, rel=1e-5)
         assert _metrics(folder / "fused" / job)["tested_checkpoint"] == alone["tested_checkpoint"]
+
+
+def test_members_with_their_own_seeds_see_their_own_data_order_and_noise(sweeps):
+    folder, results = sweeps
+    assert results["seeds"]["code"] == 0, results["seeds"]["stderr"][-3000:]
+    assert "Fused: jobs 0, 1, 2, 3 train as one model" in results["seeds"]["stdout"]
+    for job in "0123":
+        alone = _metrics(folder / "seeds-basic" / job)
+        assert not _close(_metrics(folder / "seeds" / job), alone, rel=1e-4)
 
 
 def test_a_diverging_member_stops_alone_and_keeps_its_last_good_checkpoint(sweeps):

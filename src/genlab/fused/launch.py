@@ -166,7 +166,7 @@ def launch_jobs(
             job_subdir_key="hydra.sweep.subdir",
         )
         configure_log(config.hydra.hydra_logging, config.hydra.verbose)
-    size = max(1, int(launcher.max_members))
+    size = launcher.max_members
     for jobs in groups.values():
         for start in range(0, len(jobs), size):
             chunk = jobs[start : start + size]

@@ -22,6 +22,13 @@ class FusedLauncher(Launcher):
 
     def __init__(self, max_members: int = 16) -> None:
         super().__init__()
+        if isinstance(max_members, bool) or not isinstance(max_members, int) or max_members < 1:
+            from genlab.errors import GenlabError
+
+            raise GenlabError(
+                f"hydra.launcher.max_members={max_members!r} must be a whole number of at least "
+                f"1: how many jobs at most train as one model (default 16)."
+            )
         self.max_members = max_members
         self.config: DictConfig | None = None
         self.task_function: TaskFunction | None = None
