@@ -35,8 +35,9 @@ TINY = [
 GRID = ["model.latent_dim=2,4", "model.beta=0.5,2"]
 FUSED = "hydra/launcher=fused"
 
-# Run first in the interpreter of the commands below: a member made to diverge, or a stop
-# mid-epoch, where the test's environment asks for one.
+# Run first in the interpreter of the commands below: a member made to diverge, a stop
+# mid-epoch, or the training sums kept on the device as on a GPU (read only when needed),
+# where the test's environment asks for one.
 PRELUDE = """
 import os, signal
 import torch
@@ -53,8 +54,12 @@ def _stop_mid_epoch(self, batch, batch_idx):
         self._stopped = 1
         os.kill(os.getpid(), getattr(signal, stop))
     return _step(self, batch, batch_idx)
+_on_device = fused_model.FusedModel._sums_on_device
+def _sums_on_device(self):
+    return bool(os.environ.get("TEST_DEVICE_SUMS")) or _on_device(self)
 fused_model.FusedModel._metrics = _nan_in_member_1
 fused_model.FusedModel.training_step = _stop_mid_epoch
+fused_model.FusedModel._sums_on_device = _sums_on_device
 """
 
 
@@ -178,6 +183,11 @@ def sweeps(data_dir, tmp_path_factory) -> tuple[Path, dict[str, dict]]:
         "basic": ([*GRID, *TINY], {}),
         "one member each": ([*GRID, FUSED, "hydra.launcher.max_members=1", *TINY], {}),
         "diverging": (["model.latent_dim=2,4", FUSED, *TINY], {"TEST_NAN": "1"}),
+        "diverging-device-sums": (
+            ["model.latent_dim=2,4", FUSED, *TINY],
+            {"TEST_NAN": "1", "TEST_DEVICE_SUMS": "1"},
+        ),
+        "device-sums": ([*GRID, FUSED, *TINY], {"TEST_DEVICE_SUMS": "1"}),
         "stopped": (["model.latent_dim=2,4", FUSED, *TINY], {"TEST_STOP": "SIGTERM"}),
         "uninterrupted": (["model.latent_dim=2,4", FUSED, *TINY], {}),
         "no members": ([FUSED, "hydra.launcher.max_members=0", *TINY], {}),
@@ -188,7 +198,8 @@ def sweeps(data_dir, tmp_path_factory) -> tuple[Path, dict[str, dict]]:
         {"args": ["-m", *args, f"hydra.sweep.dir={folder / name}"], "env": env}
         for name, (args, env) in cases.items()
     ]
-    runs.append({**runs[4], "env": {}})  # the stopped sweep's command again: the last run
+    stopped = list(cases).index("stopped")
+    runs.append({**runs[stopped], "env": {}})  # the stopped sweep's command again: the last run
     results = run_commands("genlab-train", runs, data_dir, folder, prelude=PRELUDE)
     return folder, dict(zip([*cases, "stopped, again"], results, strict=True))
 
@@ -293,6 +304,39 @@ def test_a_diverging_member_stops_alone_and_keeps_its_last_good_checkpoint(sweep
     # The other member went on, exactly as without its diverging neighbour.
     assert other["status"] == "completed"
     assert not _close(other, _metrics(folder / "uninterrupted" / "0"), rel=1e-5)
+
+
+def test_with_the_sums_on_the_device_a_diverged_member_is_found_by_the_epochs_end(sweeps):
+    """As on a GPU, where the flags are read only on logged steps, at the epoch's end and
+    before a checkpoint: the member is found at the end of the epoch it diverged in, and
+    nothing is saved from after its NaN."""
+    folder, results = sweeps
+    sweep, result = folder / "diverging-device-sums", results["diverging-device-sums"]
+    assert result["code"] == 0, result["stderr"][-3000:]
+    diverged = _metrics(sweep / "1")
+    assert diverged["status"] == "diverged"
+    assert "train/loss" in diverged["message"]
+    assert "became NaN or infinite in epoch 1, by step" in diverged["message"]
+    last = read_checkpoint(sweep / "1" / "checkpoints" / "last.ckpt", "test")
+    assert last["epoch"] == 0
+    assert all(w.isfinite().all() for w in last["state_dict"].values())
+    assert not _close(_metrics(sweep / "0"), _metrics(folder / "uninterrupted" / "0"), rel=1e-5)
+
+
+def test_sums_kept_on_the_device_give_the_same_runs(sweeps):
+    folder, results = sweeps
+    assert results["device-sums"]["code"] == 0, results["device-sums"]["stderr"][-3000:]
+    for job in "0123":
+        assert not _close(
+            _metrics(folder / "device-sums" / job), _metrics(folder / "fused" / job), 0
+        )
+        curves = []
+        for name in ("fused", "device-sums"):
+            (label,) = (folder / name / job / "tensorboard").iterdir()
+            events = EventAccumulator(str(label))
+            events.Reload()
+            curves.append([e.value for e in events.Scalars("train/neg_elbo")])
+        assert curves[0] == curves[1] and len(curves[0]) == 2
 
 
 def test_a_fused_sweep_stopped_mid_epoch_continues_exactly(sweeps):

@@ -268,10 +268,7 @@ class FusedRuns(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
         model = self.model
-        for index, reason in model.diverged.items():
-            if index not in self._recorded:
-                self._recorded.add(index)
-                self._diverged(trainer, index, reason)
+        self._record_divergences(trainer)
         if model.step_logged is not None:
             step = model.step_logged
             for index in self.training():
@@ -280,10 +277,13 @@ class FusedRuns(pl.Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         model, epoch = self.model, trainer.current_epoch
+        model._read()  # the epoch's last look at the flags (pictures and checkpoints follow)
+        self._record_divergences(trainer)
         step = private_api.logged_step(trainer)
         shown, ranked = [], []
+        all_sums = model.epoch_sums()
         for index in self.training():
-            sums = model.epoch_sums[index]
+            sums = all_sums[index]
             train = (
                 {f"train/{n}": v / sums.count for n, v in sums.sums.items()} if sums.count else {}
             )
@@ -311,6 +311,7 @@ class FusedRuns(pl.Callback):
                 )
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._record_divergences(trainer)
         for index in self.training():
             member = self.members[index]
             if member.images is not None:
@@ -343,6 +344,13 @@ class FusedRuns(pl.Callback):
         logger = self.members[index].logger
         if logger and metrics:
             logger.log_metrics(metrics, step)
+
+    def _record_divergences(self, trainer: pl.Trainer) -> None:
+        """metrics.json of each member found diverged since the last call."""
+        for index, reason in self.model.diverged.items():
+            if index not in self._recorded:
+                self._recorded.add(index)
+                self._diverged(trainer, index, reason)
 
     def _diverged(self, trainer: pl.Trainer, index: int, reason: str) -> None:
         member = self.members[index]

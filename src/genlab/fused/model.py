@@ -92,8 +92,16 @@ class FusedModel(pl.LightningModule):
     Per member it keeps the training metrics' running sums of the epoch
     (``epoch_sums``), the validation means of the last validation (``val_means``), and
     whether it is still training: a member whose loss becomes NaN or infinite is masked
-    out of the loss from that step on (``diverged`` holds why), and the others go on.
+    out of the loss (``diverged`` holds why), and the others go on. As for one model
+    (`genlab.models.lean`), the sums stay on the device: on a CPU the host reads them at
+    every step, elsewhere only on the steps Lightning writes out, at the epoch's end and
+    before a checkpoint is saved, so a member is masked out within
+    ``trainer.log_every_n_steps`` steps and never saved from after its NaN.
     """
+
+    # Where the training metrics' flags are read: "host" (every step), "device" (when
+    # needed) or "auto" (host on a CPU, else device).
+    metric_sums: str = "auto"
 
     def __init__(
         self,
@@ -124,7 +132,13 @@ class FusedModel(pl.LightningModule):
         self.metric_names = list(first.metric_names)
         self.alive = [True] * self.size
         self.diverged: dict[int, str] = {}
-        self.epoch_sums = [_EpochSums() for _ in members]
+        # The epoch's training sums, (members, metrics), on the training device: a step adds
+        # to them without waiting for the device; the host reads them when it needs them.
+        self._sums: Tensor | None = None
+        self._bad: Tensor | None = None  # which sums met a NaN or infinite value
+        self._count = 0
+        self._kl_weights = [0.0] * self.size  # host sums of the warm-up's weight
+        self._saved_sums: list[dict[str, Any]] = []
         self.val_means: list[dict[str, float]] = [{} for _ in members]
         self._val_sums = [_EpochSums() for _ in members]
         self.generators: list[torch.Generator] = []
@@ -178,61 +192,121 @@ class FusedModel(pl.LightningModule):
             eps[i, ..., : shape[-1]] = draw(i, shape)
         return eps
 
-    def _betas(self, epochs_done: float | None) -> Tensor:
+    def _host_betas(self, epochs_done: float | None) -> list[float]:
         """Each member's KL weight: its beta, or its warm-up's weight in training."""
         betas = []
         for m in self.members:
             beta = getattr(m, "beta", 0.0)
             if epochs_done is not None and getattr(m, "kl_warmup_epochs", 0) > 0:
                 beta = m.kl_weight(epochs_done)
-            betas.append(beta)
-        return torch.tensor(betas, device=self.device)
+            betas.append(float(beta))
+        return betas
+
+    def _betas(self, epochs_done: float | None) -> Tensor:
+        return torch.tensor(self._host_betas(epochs_done), device=self.device)
 
     def on_train_epoch_start(self) -> None:
         self.generators = self._seeded_generators(self.current_epoch)
-        self.epoch_sums = [_EpochSums() for _ in range(self.size)]
+        self._start_sums()
+
+    def _start_sums(self, saved: list[dict[str, Any]] | None = None) -> None:
+        """Zero the epoch's sums, or set them to ``saved`` (`epoch_sums`' form)."""
+        dtype = torch.float32 if self.device.type == "mps" else torch.float64
+        shape = (self.size, len(self.metric_names))
+        self._sums = torch.zeros(shape, dtype=dtype, device=self.device)
+        self._bad = torch.zeros(shape, dtype=torch.bool, device=self.device)
+        self._count, self._kl_weights = 0, [0.0] * self.size
+        if saved:
+            rows = [[s["sums"].get(n, 0.0) for n in self.metric_names] for s in saved]
+            self._sums.copy_(torch.tensor(rows, dtype=dtype))
+            self._count = max(int(s["count"]) for s in saved)
+            self._kl_weights = [float(s["sums"].get("kl_weight", 0.0)) for s in saved]
+
+    def epoch_sums(self) -> list[_EpochSums]:
+        """Each member's training sums of the epoch so far, by metric name (one read)."""
+        rows = self._sums.tolist() if self._sums is not None else [[] for _ in self.members]
+        sums = []
+        for i, row in enumerate(rows):
+            named = dict(zip(self.metric_names, row))
+            if len(self.member_metric_names(i)) > len(self.metric_names):
+                named["kl_weight"] = self._kl_weights[i]
+            sums.append(_EpochSums(named, self._count))
+        return sums
+
+    def _sums_on_device(self) -> bool:
+        if self.metric_sums == "auto":
+            return self.device.type != "cpu"
+        return self.metric_sums == "device"
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
         images = batch[0]
         if images.size(0) == 1:  # one data order: every member sees the same batch
             x, x_dims = images[0], None
         else:
-            x, x_dims = images[torch.tensor(self.data_orders, device=images.device)], 0
+            x, x_dims = images.index_select(0, self._orders), 0
         batch_size = images.size(1)
         gens = self.generators
         eps = self._noise(
             batch_size, lambda i, shape: torch.randn(shape, generator=gens[i], device=self.device)
         )
         epochs_done = self.current_epoch + batch_idx / max(1, self.trainer.num_training_batches)
-        betas = self._betas(epochs_done)
-        values = self._metrics(x, x_dims, eps, betas)
-        self._account(values.detach().tolist(), betas.tolist(), batch_size)
+        betas = self._host_betas(epochs_done)
+        values = self._metrics(
+            x, x_dims, eps, self._target_betas * self._warmup_weights(epochs_done)
+        )
+        self._add_training(values.detach(), betas, batch_size)
         writes = private_api.writes_step_logs(self.trainer)
         self.step_logged = private_api.logged_step(self.trainer) if writes else None
-        alive = [i for i in range(self.size) if self.alive[i]]
-        if not alive:
+        if writes or not self._sums_on_device() or self.trainer.is_last_batch:
+            self._read(values.detach(), betas)
+        if not any(self.alive):
             self.trainer.should_stop = True
             return None  # nothing left to train: Lightning skips the step
-        return values[torch.tensor(alive, device=values.device), 0].sum()
+        # A member found diverged only later adds NaN here, but a sum's gradient reaches
+        # every member as 1 whatever the others' values: the others train on unharmed.
+        return torch.where(self._alive_mask, values[:, 0], 0.0).sum()
 
-    def _account(self, values: list[list[float]], betas: list[float], batch_size: int) -> None:
-        """Add a step's metrics to each training member's sums; mask out the diverged."""
-        for i, row in enumerate(values):
-            if not self.alive[i]:
+    def _warmup_weights(self, epochs_done: float) -> Tensor:
+        """Each member's share of its beta now: 1, or its warm-up's ramp (on the device)."""
+        ramp = (epochs_done / self._warmup_epochs.clamp(min=1)).clamp(max=1.0)
+        return torch.where(self._warmup_epochs > 0, ramp, 1.0)
+
+    def _add_training(self, values: Tensor, betas: list[float], batch_size: int) -> None:
+        """Add a step's metrics to the epoch's sums, without reading them."""
+        self._sums.add_(values.to(self._sums.dtype), alpha=batch_size)
+        self._bad.logical_or_(~torch.isfinite(values))
+        self._count += batch_size
+        for i, beta in enumerate(betas):
+            self._kl_weights[i] += beta * batch_size
+
+    def _read(self, values: Tensor | None = None, betas: list[float] | None = None) -> None:
+        """Read the NaN flags (and this step's ``values``, for the step logs): a member with
+        a NaN or infinite metric since the epoch began is masked out from now on."""
+        bad = self._bad.tolist() if self._bad is not None else []
+        rows = values.tolist() if values is not None else None
+        for i, flags in enumerate(bad):
+            if rows is not None:
+                row = rows[i]
+                if len(self.member_metric_names(i)) > len(row):
+                    row = [*row, betas[i]]
+                self.last_values[i] = row
+            if not (self.alive[i] and any(flags)):
                 continue
-            names = self.member_metric_names(i)
-            if len(names) > len(row):
-                row = [*row, betas[i]]
-            self.last_values[i] = row
-            bad = [f"train/{n}={v}" for n, v in zip(names, row) if not math.isfinite(v)]
-            if bad:
-                self.alive[i] = False
+            self.alive[i] = False
+            self._alive_mask[i] = False
+            if rows is not None and not self._sums_on_device():  # read at every step: this one
+                named = zip(self.metric_names, rows[i])
+                what = ", ".join(f"train/{n}={v}" for n, v in named if not math.isfinite(v))
                 self.diverged[i] = (
-                    f"Training diverged: {', '.join(bad)} at epoch {self.current_epoch}, "
+                    f"Training diverged: {what} at epoch {self.current_epoch}, "
                     f"step {self.global_step}."
                 )
-                continue
-            self.epoch_sums[i].add(names, row, batch_size)
+            else:
+                names = ", ".join(f"train/{n}" for n, f in zip(self.metric_names, flags) if f)
+                self.diverged[i] = (
+                    f"Training diverged: {names} became NaN or infinite in epoch "
+                    f"{self.current_epoch}, by step {self.global_step}."
+                )
 
     def member_metric_names(self, index: int) -> list[str]:
         """The training metrics member ``index`` logs (``kl_weight`` during a warm-up)."""
@@ -291,9 +365,10 @@ class FusedModel(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": first.build_scheduler(optimizer)}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._read()  # a member that diverged since the last look is not saved
         checkpoint[FUSED_KEY] = {
             "generators": [g.get_state() for g in self.generators],
-            "epoch_sums": [{"sums": dict(s.sums), "count": s.count} for s in self.epoch_sums],
+            "epoch_sums": [{"sums": dict(s.sums), "count": s.count} for s in self.epoch_sums()],
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -301,16 +376,23 @@ class FusedModel(pl.LightningModule):
         # its noise streams and sums go on from the checkpoint's.
         state = checkpoint.get(FUSED_KEY, {})
         self._saved_generators = list(state.get("generators", []))
-        if "epoch_sums" in state:
-            self.epoch_sums = [_EpochSums(s["sums"], s["count"]) for s in state["epoch_sums"]]
+        self._saved_sums = list(state.get("epoch_sums", []))
 
     def on_train_start(self) -> None:
         # Here, not on loading: the model is on its device only now. (Without saved streams,
         # a group resumed mid-epoch draws the rest of the epoch's noise afresh.)
+        device = self.device
         self.generators = self._seeded_generators(self.current_epoch)
         for generator, saved in zip(self.generators, self._saved_generators):
             generator.set_state(saved)
         self._saved_generators = []
+        self._orders = torch.tensor(self.data_orders, device=device)
+        self._alive_mask = torch.tensor(self.alive, device=device)
+        self._target_betas = self._betas(None)
+        warmups = [getattr(m, "kl_warmup_epochs", 0) for m in self.members]
+        self._warmup_epochs = torch.tensor(warmups, dtype=torch.float32, device=device)
+        self._start_sums(self._saved_sums)  # a group resumed mid-epoch goes on with its sums
+        self._saved_sums = []
 
     def _seeded_generators(self, epoch: int) -> list[torch.Generator]:
         """Each member's noise stream of ``epoch``, seeded as `SeedEachEpoch` seeds it."""
