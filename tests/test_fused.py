@@ -188,6 +188,14 @@ def sweeps(data_dir, tmp_path_factory) -> tuple[Path, dict[str, dict]]:
             {"TEST_NAN": "1", "TEST_DEVICE_SUMS": "1"},
         ),
         "device-sums": ([*GRID, FUSED, *TINY], {"TEST_DEVICE_SUMS": "1"}),
+        "validated-once": (
+            ["model.latent_dim=2,4", FUSED, *TINY, "trainer.check_val_every_n_epoch=2"],
+            {},
+        ),
+        "validated-once-basic": (
+            ["model.latent_dim=2,4", *TINY, "trainer.check_val_every_n_epoch=2"],
+            {},
+        ),
         "stopped": (["model.latent_dim=2,4", FUSED, *TINY], {"TEST_STOP": "SIGTERM"}),
         "uninterrupted": (["model.latent_dim=2,4", FUSED, *TINY], {}),
         "no members": ([FUSED, "hydra.launcher.max_members=0", *TINY], {}),
@@ -287,6 +295,19 @@ def test_members_with_their_own_seeds_see_their_own_data_order_and_noise(sweeps)
     for job in "0123":
         alone = _metrics(folder / "seeds-basic" / job)
         assert not _close(_metrics(folder / "seeds" / job), alone, rel=1e-4)
+
+
+def test_validation_every_other_epoch_is_logged_and_ranked_as_by_the_basic_launcher(sweeps):
+    folder, results = sweeps
+    assert results["validated-once"]["code"] == 0, results["validated-once"]["stderr"][-3000:]
+    for job in "01":
+        fused, basic = folder / "validated-once" / job, folder / "validated-once-basic" / job
+        assert not _close(_metrics(fused), _metrics(basic), rel=1e-4)
+        assert _metrics(fused)["tested_checkpoint"] == _metrics(basic)["tested_checkpoint"]
+        (label,) = (fused / "tensorboard").iterdir()
+        events = EventAccumulator(str(label))
+        events.Reload()
+        assert len(events.Scalars("val/loss")) == 1 and len(events.Scalars("train/loss")) == 2
 
 
 def test_a_diverging_member_stops_alone_and_keeps_its_last_good_checkpoint(sweeps):

@@ -287,7 +287,8 @@ class FusedRuns(pl.Callback):
             train = (
                 {f"train/{n}": v / sums.count for n, v in sums.sums.items()} if sums.count else {}
             )
-            val = {f"val/{n}": v for n, v in model.val_means[index].items()}
+            validated = model.validated_epoch == epoch  # trainer.check_val_every_n_epoch
+            val = {f"val/{n}": v for n, v in model.val_means[index].items()} if validated else {}
             self._log(index, {**train, **val}, step)
             member = self.members[index]
             shown.append((member.job, val.get("val/loss", train.get("train/loss", math.nan))))
@@ -295,7 +296,7 @@ class FusedRuns(pl.Callback):
                 ranked.append((index, {**train, **val}))
         last = trainer.max_epochs
         of = f" ({epoch + 1} of {last})" if last is not None and last >= 0 else ""
-        which = "val/loss" if any(model.val_means[i] for i in self.training()) else "train/loss"
+        which = "val/loss" if model.validated_epoch == epoch else "train/loss"
         numbers = ", ".join(f"{job}: {value:.4g}" for job, value in shown)
         log.info("Epoch %d%s, %s by job: %s", epoch, of, which, numbers)
         self._save_best(trainer, ranked)

@@ -140,6 +140,7 @@ class FusedModel(pl.LightningModule):
         self._kl_weights = [0.0] * self.size  # host sums of the warm-up's weight
         self._saved_sums: list[dict[str, Any]] = []
         self.val_means: list[dict[str, float]] = [{} for _ in members]
+        self.validated_epoch: int | None = None  # the epoch of the last validation
         self._val_sums = [_EpochSums() for _ in members]
         self.generators: list[torch.Generator] = []
         self._saved_generators: list[Tensor] = []
@@ -350,6 +351,7 @@ class FusedModel(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         if not self.trainer.sanity_checking:
+            self.validated_epoch = self.current_epoch
             self.val_means = [
                 {n: v / s.count for n, v in s.sums.items()} if s.count else {}
                 for s in self._val_sums
