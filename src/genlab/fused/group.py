@@ -292,7 +292,7 @@ class FusedRuns(pl.Callback):
             self._log(index, {**train, **val}, step)
             member = self.members[index]
             shown.append((member.job, val.get("val/loss", train.get("train/loss", math.nan))))
-            if member.ranking is not None and val:
+            if member.ranking is not None:  # ranks when its monitored metric is there
                 ranked.append((index, {**train, **val}))
         last = trainer.max_epochs
         of = f" ({epoch + 1} of {last})" if last is not None and last >= 0 else ""
