@@ -48,6 +48,11 @@ def _nan_in_member_1(self, *args):
     if os.environ.get("TEST_NAN") and torch.is_grad_enabled() and self.current_epoch == 1:
         values = values + torch.tensor([0.0, float("nan")]).view(-1, 1)[: values.size(0)]
     return values
+_validate = fused_model.FusedModel.validation_step
+def _stop_in_sanity_check(self, batch, batch_idx):
+    if os.environ.get("TEST_STOP_SANITY") and self.trainer.sanity_checking:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return _validate(self, batch, batch_idx)
 def _stop_mid_epoch(self, batch, batch_idx):
     stop = os.environ.get("TEST_STOP")
     if stop and self.current_epoch == 1 and batch_idx == 2 and not getattr(self, "_stopped", 0):
@@ -60,6 +65,7 @@ def _sums_on_device(self):
 fused_model.FusedModel._metrics = _nan_in_member_1
 fused_model.FusedModel.training_step = _stop_mid_epoch
 fused_model.FusedModel._sums_on_device = _sums_on_device
+fused_model.FusedModel.validation_step = _stop_in_sanity_check
 """
 
 
@@ -188,6 +194,7 @@ def sweeps(data_dir, tmp_path_factory) -> tuple[Path, dict[str, dict]]:
             {"TEST_NAN": "1", "TEST_DEVICE_SUMS": "1"},
         ),
         "device-sums": ([*GRID, FUSED, *TINY], {"TEST_DEVICE_SUMS": "1"}),
+        "sanity-stop": (["model.latent_dim=2,4", FUSED, *TINY], {"TEST_STOP_SANITY": "1"}),
         "validated-once": (
             ["model.latent_dim=2,4", FUSED, *TINY, "trainer.check_val_every_n_epoch=2"],
             {},
@@ -203,13 +210,18 @@ def sweeps(data_dir, tmp_path_factory) -> tuple[Path, dict[str, dict]]:
         "seeds-basic": (["seed=1,2", "model.latent_dim=2,3", *TINY], {}),
     }
     runs = [
-        {"args": ["-m", *args, f"hydra.sweep.dir={folder / name}"], "env": env}
+        {
+            "args": ["-m", *args, f"hydra.sweep.dir={folder / name}"],
+            "env": env,
+            "read": str(folder / name / "0" / "metrics.json"),
+        }
         for name, (args, env) in cases.items()
     ]
-    stopped = list(cases).index("stopped")
-    runs.append({**runs[stopped], "env": {}})  # the stopped sweep's command again: the last run
+    again = {"stopped, again": "stopped", "sanity-stop, again": "sanity-stop"}
+    for name in again.values():  # the stopped sweeps' commands again, at the end
+        runs.append({**runs[list(cases).index(name)], "env": {}})
     results = run_commands("genlab-train", runs, data_dir, folder, prelude=PRELUDE)
-    return folder, dict(zip([*cases, "stopped, again"], results, strict=True))
+    return folder, dict(zip([*cases, *again], results, strict=True))
 
 
 def test_a_group_size_below_one_is_a_clear_error(sweeps):
@@ -369,6 +381,19 @@ def test_a_fused_sweep_stopped_mid_epoch_continues_exactly(sweeps):
     for job in "01":
         resumed = _metrics(folder / "stopped" / job)
         assert resumed["status"] == "completed"
+        assert not _close(resumed, _metrics(folder / "uninterrupted" / job), rel=1e-5)
+
+
+def test_a_fused_sweep_stopped_in_its_sanity_check_continues_exactly(sweeps):
+    folder, results = sweeps
+    stopped, again = results["sanity-stop"], results["sanity-stop, again"]
+    assert stopped["code"] == 128 + signal.SIGTERM, stopped["stderr"][-3000:]
+    assert "Traceback" not in stopped["stdout"] + stopped["stderr"]
+    at_stop = json.loads(stopped["read"])  # job 0's metrics.json right after the stop
+    assert at_stop["status"] == "interrupted" and at_stop["last_checkpoint"]
+    assert again["code"] == 0, again["stderr"][-3000:]
+    for job in "01":
+        resumed = _metrics(folder / "sanity-stop" / job)
         assert not _close(resumed, _metrics(folder / "uninterrupted" / job), rel=1e-5)
 
 

@@ -172,8 +172,9 @@ class FusedRuns(pl.Callback):
         randomness = rng_state()
         if self.device.type == "cuda":
             randomness["cuda"][self.device.index or 0] = own["generators"][index]
-        else:
+        elif self.device.type == "cpu":
             randomness["torch"] = own["generators"][index]
+        # (Elsewhere, e.g. MPS, the standalone run keeps no stream of its own to continue.)
         callbacks = {SeedEachEpoch(0).state_key: randomness}
         if member.ranking is not None:
             callbacks[member.ranking.state_key] = member.ranking.state_dict()
@@ -244,9 +245,10 @@ class FusedRuns(pl.Callback):
             randomness = c.get("callbacks", {}).get(SeedEachEpoch(0).state_key, {})
             cuda = randomness.get("cuda") or []
             index = self.device.index or 0
-            generators.append(
-                (cuda[index] if index < len(cuda) else None) if on_cuda else randomness.get("torch")
-            )
+            if on_cuda:
+                generators.append(cuda[index] if index < len(cuda) else None)
+            else:
+                generators.append(randomness.get("torch") if self.device.type == "cpu" else None)
         fused[FUSED_KEY] = {
             "generators": generators if all(g is not None for g in generators) else [],
             "epoch_sums": [c.get("genlab_epoch_sums", {"sums": {}, "count": 0}) for c in saved],
@@ -279,7 +281,9 @@ class FusedRuns(pl.Callback):
         model, epoch = self.model, trainer.current_epoch
         model._read()  # the epoch's last look at the flags (pictures and checkpoints follow)
         self._record_divergences(trainer)
-        step = private_api.logged_step(trainer)
+        # Under the step of the epoch's last batch, as Lightning logs epoch metrics (its
+        # counter has already moved on to the next batch's).
+        step = private_api.logged_step(trainer) - 1
         shown, ranked = [], []
         all_sums = model.epoch_sums()
         for index in self.training():
@@ -499,9 +503,9 @@ def train_group(members: list[Member], group_dir: Path) -> None:
                         trainer, member.cfg, stopper, stopped_in, start, at_once=at_once
                     )
         finally:
-            for member in members:
-                if member.logger:
-                    member.logger.finalize("success")
+            for index in runs.training():  # the diverged ones' were closed when they stopped
+                if members[index].logger:
+                    members[index].logger.finalize("success")
 
 
 def _test(trainer: pl.Trainer, runs: FusedRuns, datamodule: Any, stopper: StopSignals) -> None:
@@ -509,6 +513,8 @@ def _test(trainer: pl.Trainer, runs: FusedRuns, datamodule: Any, stopper: StopSi
     weights), all in one pass; then its evaluation and metrics.json."""
     model, members = runs.model, runs.members
     training = runs.training()
+    if not training:  # every member diverged: each has said so
+        return
     tested: dict[int, str | None] = {}
     for index in training:
         ranking = members[index].ranking

@@ -36,7 +36,8 @@ from omegaconf.errors import OmegaConfBaseException
 from genlab.config.validate import resolved, validate
 from genlab.continuation import objective, plan_job, record_attempt
 from genlab.errors import FolderTaken, GenlabError, exit_code, find_user_error
-from genlab.rundir import owned, record_failure
+from genlab.resume import resume_checkpoint
+from genlab.rundir import METRICS_FILE, owned, record_failure
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,8 @@ def unfusable(config: dict[str, Any]) -> str | None:
         return f"trainer.precision={trainer.get('precision')} (fused: 32-true)"
     if trainer.get("gradient_clip_val") or trainer.get("accumulate_grad_batches", 1) != 1:
         return "gradient clipping or accumulation (they act on the whole group's gradients)"
+    if trainer.get("val_check_interval") not in (None, 1, 1.0):
+        return "trainer.val_check_interval (fused: validation at the end of each epoch)"
     callbacks = {k: v for k, v in (config.get("callbacks") or {}).items() if v}
     other = sorted(set(callbacks) - set(_KNOWN_CALLBACKS))
     if other:
@@ -240,16 +243,17 @@ def _prepare(job_config: DictConfig, sweep_dir: Path, member_type: Any, build: A
         )
         build(member)
     except Exception as err:  # noqa: BLE001 - recorded in the job's folder; the sweep goes on
-        _failed(task, err)
+        _failed(Path(str(job_config.hydra.runtime.output_dir)), task, err)
         return _job_return(job_config, task, objective(task, {}))
     if plan.action == "resume":
         print(f"Job {job} stopped earlier: continuing it from its last.ckpt.")
     return member
 
 
-def _failed(task: DictConfig, err: BaseException) -> None:
+def _failed(output_dir: Path, task: DictConfig, err: BaseException) -> None:
+    """Record in the job's folder that it failed, and log why."""
     user_error = find_user_error(err)
-    record_failure(Path(task.paths.output_dir), task, user_error or err)
+    record_failure(output_dir, task, user_error or err)
     if user_error is not None:
         log.error("Job failed: %s", user_error)
     else:
@@ -284,6 +288,10 @@ def _run_group(
         for idx, job_config, member in jobs:
             try:  # each job's folder is this process's while the group trains
                 held.enter_context(owned(member.output_dir))
+                if not member.resume:  # results written there since the sweep was planned
+                    resume_checkpoint(
+                        None, member.checkpoint_dir, member.run_config, member.output_dir
+                    )
             except FolderTaken as err:
                 record_attempt(sweep_dir, member.job, "refused")
                 print(f"Job {member.job} refused: {err}")
@@ -304,8 +312,10 @@ def _run_group(
                 train_group(members, sweep_dir)
             except Exception as err:  # noqa: BLE001 - recorded in each job's folder, as in a basic sweep
                 for member in members:
-                    if member.metrics is None:
-                        _failed(member.composed, err)
+                    # Results only count once written; a member evaluated in memory did not finish.
+                    if not (member.output_dir / METRICS_FILE).is_file():
+                        member.metrics = None
+                        _failed(member.output_dir, member.composed, err)
     code = None
     for idx, job_config, member in accepted:
         metrics = member.metrics or {}

@@ -368,6 +368,7 @@ class FusedModel(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._read()  # a member that diverged since the last look is not saved
+        self._check_weights()
         checkpoint[FUSED_KEY] = {
             "generators": [g.get_state() for g in self.generators],
             "epoch_sums": [{"sums": dict(s.sums), "count": s.count} for s in self.epoch_sums()],
@@ -380,9 +381,10 @@ class FusedModel(pl.LightningModule):
         self._saved_generators = list(state.get("generators", []))
         self._saved_sums = list(state.get("epoch_sums", []))
 
-    def on_train_start(self) -> None:
-        # Here, not on loading: the model is on its device only now. (Without saved streams,
-        # a group resumed mid-epoch draws the rest of the epoch's noise afresh.)
+    def on_fit_start(self) -> None:
+        # Here, not on loading: the model is on its device only now, and this comes before
+        # the sanity check, in which a stop already saves. (Without saved streams, a group
+        # resumed mid-epoch draws the rest of the epoch's noise afresh.)
         device = self.device
         self.generators = self._seeded_generators(self.current_epoch)
         for generator, saved in zip(self.generators, self._saved_generators):
@@ -395,6 +397,21 @@ class FusedModel(pl.LightningModule):
         self._warmup_epochs = torch.tensor(warmups, dtype=torch.float32, device=device)
         self._start_sums(self._saved_sums)  # a group resumed mid-epoch goes on with its sums
         self._saved_sums = []
+
+    def _check_weights(self) -> None:
+        """Mask out a member whose weights became NaN or infinite (a finite loss with an
+        infinite gradient does that): it is then never saved from them."""
+        finite = torch.ones(self.size, dtype=torch.bool, device=self.device)
+        for param in self.stacked:
+            finite &= torch.isfinite(param.detach().flatten(1)).all(1)
+        for i, ok in enumerate(finite.tolist()):
+            if self.alive[i] and not ok:
+                self.alive[i] = False
+                self._alive_mask[i] = False
+                self.diverged[i] = (
+                    f"Training diverged: its weights became NaN or infinite in epoch "
+                    f"{self.current_epoch}, by step {self.global_step}."
+                )
 
     def _seeded_generators(self, epoch: int) -> list[torch.Generator]:
         """Each member's noise stream of ``epoch``, seeded as `SeedEachEpoch` seeds it."""
