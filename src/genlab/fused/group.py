@@ -56,6 +56,8 @@ log = logging.getLogger(__name__)
 
 # Where the group's own checkpoint paths point: never written, split per job instead.
 GROUP_CHECKPOINTS = ".fused"
+# Checkpoint entries the group and each of its jobs hold alike.
+_SHARED_STATE = ("epoch", "global_step", "pytorch-lightning_version", "loops", "lr_schedulers")
 
 
 @dataclass
@@ -103,8 +105,8 @@ class Member:
 
 class MemberCheckpointIO(AtomicCheckpointIO):
     """Writes a group's checkpoint as one checkpoint per job: ``<group>/.fused/last.ckpt``
-    becomes every training job's ``checkpoints/last.ckpt``, a path in one job's checkpoint
-    folder that job's alone. Reading the group's path joins the jobs' last.ckpt files."""
+    becomes every training job's ``checkpoints/last.ckpt``. Reading the group's path joins
+    the jobs' last.ckpt files."""
 
     def __init__(self, runs: FusedRuns):
         super().__init__()
@@ -113,11 +115,14 @@ class MemberCheckpointIO(AtomicCheckpointIO):
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None
     ) -> None:
-        path = Path(path)
-        for index in self.runs.members_for(path.parent):
-            member_path = self.runs.members[index].checkpoint_dir / path.name
+        for index in self.runs.training():
+            member_path = self.runs.members[index].checkpoint_dir / Path(path).name
             member_path.parent.mkdir(parents=True, exist_ok=True)
-            super().save_checkpoint(self.runs.member_checkpoint(checkpoint, index), member_path)
+            self.write(self.runs.member_checkpoint(checkpoint, index), member_path)
+
+    def write(self, checkpoint: dict[str, Any], path: str | os.PathLike) -> None:
+        """Write one job's ``checkpoint`` to ``path``, atomically, with its weights' hash."""
+        super().save_checkpoint(checkpoint, path)
 
     def load_checkpoint(
         self, path: Any, map_location: Any = None, weights_only: Any = None
@@ -148,19 +153,12 @@ class FusedRuns(pl.Callback):
         """The members still training (not diverged)."""
         return [i for i, alive in enumerate(self.model.alive) if alive]
 
-    def members_for(self, folder: Path) -> list[int]:
-        """The members a checkpoint path in ``folder`` is for."""
-        if folder == self.group_dir / GROUP_CHECKPOINTS:
-            return self.training()
-        return [i for i, m in enumerate(self.members) if m.checkpoint_dir == folder]
-
     # -- checkpoints: split and joined ------------------------------------------------------------
 
     def member_checkpoint(self, fused: dict[str, Any], index: int) -> dict[str, Any]:
         """Member ``index``'s checkpoint, as its standalone run writes it, out of the group's."""
         model, member = self.model, self.members[index]
-        shared = ("epoch", "global_step", "pytorch-lightning_version", "loops", "lr_schedulers")
-        checkpoint = {key: copy.deepcopy(fused[key]) for key in shared if key in fused}
+        checkpoint = {key: copy.deepcopy(fused[key]) for key in _SHARED_STATE if key in fused}
         stacked = {n: fused["state_dict"][f"stacked.{j}"] for j, n in enumerate(model.names)}
         checkpoint["state_dict"] = model.member_weights(index, stacked)
         checkpoint["optimizer_states"] = [
@@ -203,17 +201,7 @@ class FusedRuns(pl.Callback):
         model = self.model
         saved = [m.checkpoint for m in self.members]
         first = saved[0]
-        fused = {
-            key: first[key]
-            for key in (
-                "epoch",
-                "global_step",
-                "pytorch-lightning_version",
-                "loops",
-                "lr_schedulers",
-            )
-            if key in first
-        }
+        fused = {key: first[key] for key in _SHARED_STATE if key in first}
         shapes = {n: tuple(p.shape[1:]) for n, p in zip(model.names, model.stacked)}
         stacked = stack([c["state_dict"] for c in saved], model.layouts, shapes)
         fused["state_dict"] = {f"stacked.{j}": stacked[n] for j, n in enumerate(model.names)}
@@ -341,7 +329,7 @@ class FusedRuns(pl.Callback):
         fused = private_api.dump_checkpoint(trainer)
         io = trainer.strategy.checkpoint_io
         for index, (path, dropped) in chosen:
-            AtomicCheckpointIO.save_checkpoint(io, self.member_checkpoint(fused, index), path)
+            io.write(self.member_checkpoint(fused, index), path)
             if dropped:
                 Path(dropped).unlink(missing_ok=True)
 

@@ -203,9 +203,6 @@ class FusedModel(pl.LightningModule):
             betas.append(float(beta))
         return betas
 
-    def _betas(self, epochs_done: float | None) -> Tensor:
-        return torch.tensor(self._host_betas(epochs_done), device=self.device)
-
     def on_train_epoch_start(self) -> None:
         self.generators = self._seeded_generators(self.current_epoch)
         self._start_sums()
@@ -327,7 +324,7 @@ class FusedModel(pl.LightningModule):
                 cache[shape] = eval_noise(shape, batch_idx, self.device)
             return cache[shape]
 
-        return self._metrics(x, None, self._noise(x.size(0), draw), self._betas(None))
+        return self._metrics(x, None, self._noise(x.size(0), draw), self._target_betas)
 
     def evaluate(self, loader: BatchLoader, batches: int | None = None) -> list[dict[str, float]]:
         """Each member's means over ``loader``'s first ``batches`` batches (None: all), by
@@ -392,7 +389,7 @@ class FusedModel(pl.LightningModule):
         self._saved_generators = []
         self._orders = torch.tensor(self.data_orders, device=device)
         self._alive_mask = torch.tensor(self.alive, device=device)
-        self._target_betas = self._betas(None)
+        self._target_betas = torch.tensor(self._host_betas(None), device=device)
         warmups = [getattr(m, "kl_warmup_epochs", 0) for m in self.members]
         self._warmup_epochs = torch.tensor(warmups, dtype=torch.float32, device=device)
         self._start_sums(self._saved_sums)  # a group resumed mid-epoch goes on with its sums
